@@ -1,0 +1,121 @@
+"""One readable Vision Transformer whose attention dropout is any mode of dropkey.py.
+
+Patch embedding (a strided conv) -> class token + learned position embedding
+-> `depth` pre-norm blocks (attention through `dropkey.attention`, then MLP)
+-> LayerNorm -> linear head on the class token. The drop ratio of block i is
+`model.layer_ratios[i]`, from `dropkey.layer_drop_ratios` (Sec. 3.2, Table 1).
+
+Evaluation extras used by the paper's experiments:
+  model(x, return_attention=True)  -> logits and every layer's weights (Fig. 4, 5)
+  model(x, drop_patches=0.5)       -> half the patch tokens removed (Table 3)
+  model.mc_samples = T             -> Monte-Carlo Align Expectation in eval (Table 4)
+"""
+import torch
+import torch.nn as nn
+
+import dropkey
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; the dropout of `mode` happens inside `dropkey.attention`."""
+
+    def __init__(self, dim, heads, mode, drop_ratio, grid, block_size):
+        super().__init__()
+        self.heads, self.mode, self.drop_ratio = heads, mode, drop_ratio
+        self.grid, self.block_size = grid, block_size
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, return_weights=False, mc_samples=0):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads)   # (B, N, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                              # 3 x (B, H, N, D)
+        grid = self.grid if N == 1 + self.grid[0] * self.grid[1] else None  # None once patches are removed
+        result = dropkey.attention(q, k, v, self.mode, self.drop_ratio, self.training,
+                                   grid=grid, prefix_tokens=1, block_size=self.block_size,
+                                   mc_samples=mc_samples, return_weights=return_weights)
+        out, weights = result if return_weights else (result, None)
+        out = out.transpose(1, 2).reshape(B, N, C)                        # (B, N, C)
+        return self.proj(out), weights
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim, heads, mlp_ratio, mode, drop_ratio, grid, block_size):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, mode, drop_ratio, grid, block_size)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x, return_weights=False, mc_samples=0):
+        attn_out, weights = self.attn(self.norm1(x), return_weights, mc_samples)
+        x = x + attn_out                                                  # (B, N, C)
+        x = x + self.mlp(self.norm2(x))                                   # (B, N, C)
+        return x, weights
+
+
+class ViT(nn.Module):
+    """Vision Transformer with a configurable attention-dropout mode.
+
+    attn_drop_mode: one of dropkey.MODES; drop_ratio: d of the schedule;
+    schedule: constant / increasing / decreasing (Sec. 3.2); block_size: s of
+    the structured modes. The patch grid is (image_size / patch_size)^2 and
+    the class token is token 0.
+    """
+
+    def __init__(self, *, image_size=32, patch_size=4, in_channels=3, num_classes=10, dim=192,
+                 depth=6, heads=3, mlp_ratio=2.0, attn_drop_mode="dropkey", drop_ratio=0.3,
+                 schedule="decreasing", block_size=3):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        if attn_drop_mode not in dropkey.MODES:
+            raise ValueError(f"unknown attn_drop_mode {attn_drop_mode!r}; choose one of {', '.join(dropkey.MODES)}")
+        side = image_size // patch_size
+        self.grid = (side, side)
+        if attn_drop_mode in dropkey.STRUCTURED_MODES and not 1 <= block_size <= side:
+            raise ValueError(f"block_size must be between 1 and {side} for a {side}x{side} patch grid, got {block_size}")
+        self.layer_ratios = dropkey.layer_drop_ratios(drop_ratio, depth, schedule)
+        self.mc_samples = 0  # > 0: Monte-Carlo Align Expectation at evaluation (Table 4)
+
+        self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + side * side, dim))
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, mlp_ratio, attn_drop_mode, ratio, self.grid, block_size)
+            for ratio in self.layer_ratios)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def forward(self, x, return_attention=False, drop_patches=0.0):
+        """x (B, 3, H, W) -> logits (B, num_classes) [, list of (B, heads, N, N) per layer]."""
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)                # (B, P, C), P patches
+        x = x + self.pos_embed[:, 1:]                                     # (B, P, C)
+        if drop_patches > 0:
+            x = remove_patches(x, drop_patches)                           # (B, P', C)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)                                    # (B, N, C)
+        attention = []
+        for block in self.blocks:
+            x, weights = block(x, return_attention, self.mc_samples)
+            attention.append(weights)
+        logits = self.head(self.norm(x[:, 0]))                            # (B, num_classes)
+        return (logits, attention) if return_attention else logits
+
+
+def remove_patches(x, fraction):
+    """Keep a random subset of round((1 - fraction) * P) >= 1 patch tokens per image (Table 3)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"drop_patches must be in [0, 1), got {fraction!r}")
+    B, P, C = x.shape
+    n_keep = max(1, round((1.0 - fraction) * P))
+    order = torch.rand(B, P, device=x.device).argsort(dim=1)[:, :n_keep]  # (B, P') random subset
+    order = order.sort(dim=1).values                                      # keep the original order
+    return x.gather(1, order.unsqueeze(-1).expand(B, n_keep, C))          # (B, P', C)
