@@ -175,9 +175,10 @@ def dropped_weights(logits, keep, mode, drop_ratio):
 
 
 def _use_fused(q, fused):
-    """Fused SDPA where it is faster; the explicit softmax wins for short sequences on CPU."""
-    fused = FUSED if fused is None else fused
-    return fused and (q.device.type != "cpu" or q.shape[-2] > 128)
+    """fused=None: SDPA where it is faster (the explicit softmax wins for short sequences on CPU)."""
+    if fused is None:
+        return FUSED and (q.device.type != "cpu" or q.shape[-2] > 128)
+    return fused
 
 
 def attention(q, k, v, mode="dropkey", drop_ratio=0.0, training=True, *, grid=None,
@@ -198,7 +199,9 @@ def attention(q, k, v, mode="dropkey", drop_ratio=0.0, training=True, *, grid=No
       keep_mask: bool, (B, H, N, N) or broadcastable, True = kept; replaces
         sampling (training only), so two modes can run on one mask.
       generator: torch.Generator for the masks. return_weights: also return
-        the weights multiplied with v. fused: None follows `dropkey.FUSED`.
+        the weights multiplied with v. fused: True forces SDPA, False the
+        explicit path, None picks the faster where exact (off if dropkey.FUSED
+        is False).
     Returns:
       out (B, H, N, D), or (out, weights (B, H, N, N)) with return_weights.
     """
@@ -269,3 +272,148 @@ def _check_inputs(q, k, v, mode, drop_ratio, mc_samples):
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not isinstance(mc_samples, int) or mc_samples < 0:
         raise ValueError(f"mc_samples must be a non-negative integer, got {mc_samples!r}")
+
+
+# ----------------------------------------------------------------------------- benchmark
+# `python dropkey.py` times every mode against plain attention (see README, Performance).
+
+def _algorithm1(q, k, v, drop_ratio):
+    """The paper's Algorithm 1, written out as published: a float Bernoulli mask times -1e12."""
+    attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5            # (B, H, N, N)
+    m_r = torch.ones_like(attn) * drop_ratio
+    attn = attn + torch.bernoulli(m_r) * -1e12
+    return attn.softmax(dim=-1) @ v                                    # (B, H, N, D)
+
+
+def _saved_bytes(fn):
+    """Bytes of the distinct storages that autograd keeps for backward while running fn()."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def _time_ms(fn, runs, device):
+    """Median and (min, max) wall time of fn() in ms, after warm-up."""
+    import time
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return times[len(times) // 2], times[0], times[-1]
+
+
+def _bench_attention(B, H, N, D, runs, dtype, device, drop_ratio=0.3):
+    side = math.isqrt(N - 1)
+    q, k, v = (torch.randn(B, H, N, D, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
+    cases = {"none (fused SDPA)": lambda: attention(q, k, v, "none", fused=True),
+             "none (explicit)": lambda: attention(q, k, v, "none", fused=False)}
+    for mode in DROPPING_MODES:
+        cases[mode] = lambda mode=mode: attention(q, k, v, mode, drop_ratio, grid=(side, side), block_size=3)
+    cases["paper Algorithm 1"] = lambda: _algorithm1(q, k, v, drop_ratio)
+    rows = {}
+    for name, fn in cases.items():
+        step = lambda: fn().sum().backward()
+        _, saved = _saved_bytes(fn)
+        rows[name] = (*_time_ms(step, runs, device), saved)
+    fastest = min(rows["none (fused SDPA)"][0], rows["none (explicit)"][0])
+    print(f"\nfwd+bwd of one attention op, B={B} H={H} N={N} D={D} {str(dtype)[6:]} on {device}, d={drop_ratio}, "
+          f"median of {runs}; mask elements: {B * H * N * N:,}")
+    print(f"{'mode':<20}{'ms':>9}{'min-max':>17}{'x fastest none':>16}{'saved MB':>11}")
+    for name, (med, lo, hi, saved) in rows.items():
+        print(f"{name:<20}{med:9.2f}{f'{lo:.1f}-{hi:.1f}':>17}{med / fastest:16.2f}{saved / 2**20:11.1f}")
+
+
+def _bench_vit(patch_size, batch, runs, device):
+    import vit as vit_module  # the ViT of vit.py; Algorithm 1 is swapped in for its reference row
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    results = {}
+    for name in ["none", "vanilla", "dropkey", "paper Algorithm 1"]:
+        mode = "dropkey" if name == "paper Algorithm 1" else name
+        model = vit_module.ViT(patch_size=patch_size, attn_drop_mode=mode).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        original = vit_module.dropkey.attention
+        if name == "paper Algorithm 1":
+            vit_module.dropkey.attention = lambda q, k, v, mode, d, training, **kw: _algorithm1(q, k, v, d)
+
+        def step():
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        try:
+            med, lo, hi = _time_ms(step, runs, device)
+            model.eval()
+            with torch.no_grad():
+                plain = _time_ms(lambda: model(x), runs, device)[0]
+                model.mc_samples = 10
+                mc = _time_ms(lambda: model(x), runs, device)[0]
+                model.mc_samples = 0
+                exact = None
+                if name == "dropkey" and hasattr(model, "align"):
+                    model.align = "exact"
+                    exact = _time_ms(lambda: model(x), runs, device)[0]
+                    model.align = "none"
+        finally:
+            vit_module.dropkey.attention = original
+        results[name] = (batch / med * 1e3, med, lo, hi, plain, mc, exact)
+    base = results["none"][1]
+    print(f"\ntraining step (forward, backward, AdamW) of the default ViT, patch {patch_size} "
+          f"(N={(32 // patch_size) ** 2 + 1}), batch {batch}, on {device}, median of {runs}")
+    print(f"{'mode':<20}{'images/s':>10}{'step ms':>10}{'min-max':>17}{'x none':>8}"
+          f"{'eval ms':>9}{'MC-10 x':>9}{'exact x':>9}")
+    for name, (ips, med, lo, hi, plain, mc, exact) in results.items():
+        ex = f"{exact / plain:9.2f}" if exact else f"{'-':>9}"
+        print(f"{name:<20}{ips:10.1f}{med:10.1f}{f'{lo:.0f}-{hi:.0f}':>17}{med / base:8.3f}"
+              f"{plain:9.1f}{mc / plain:9.2f}{ex}")
+
+
+def _main():
+    import argparse
+    parser = argparse.ArgumentParser(description="Benchmark every attention-dropout mode (fwd+bwd) "
+                                     "and a full ViT training step.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--shapes", default="128,3,65,64;32,3,257,64", help="B,H,N,D;... (N = 1 + square)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--runs", type=int, default=30, help="timed runs per row (after 3 warm-ups)")
+    parser.add_argument("--vit-patches", default="4,2", help="patch sizes for the ViT training step ('' skips)")
+    parser.add_argument("--vit-batch", type=int, default=128)
+    parser.add_argument("--vit-runs", type=int, default=10)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    try:
+        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
+        patches = [int(p) for p in args.vit_patches.split(",") if p]
+        assert all(len(s) == 4 and math.isqrt(s[2] - 1) ** 2 == s[2] - 1 for s in shapes)
+    except (ValueError, AssertionError):
+        parser.error("--shapes is B,H,N,D;... with N - 1 a square, --vit-patches is sizes like 4,2")
+    for shape in shapes:
+        _bench_attention(*shape, args.runs, getattr(torch, args.dtype), device)
+    for patch in patches:
+        _bench_vit(patch, args.vit_batch, args.vit_runs, device)
+
+
+if __name__ == "__main__":
+    _main()
