@@ -150,7 +150,8 @@ def sample_keep_mask(shape, mode="dropkey", drop_ratio=0.0, *, grid=None, prefix
 
 def fall_back(keep):
     """A row with no kept key keeps every key: no NaN, the row's undropped weights."""
-    return keep | ~keep.any(dim=-1, keepdim=True)                      # (B, H, N, N)
+    dead = ~keep.any(dim=-1, keepdim=True)                             # (B, H, N, 1)
+    return keep | dead if dead.any() else keep                         # (B, H, N, N)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -164,7 +165,7 @@ def dropped_weights(logits, keep, mode, drop_ratio):
     `keep` must already have been through `fall_back`.
     """
     if mode in MASK_BEFORE_SOFTMAX:
-        masked = logits.masked_fill(~keep, float("-inf"))              # Eq. 12: d_j in {0, -inf}
+        masked = torch.where(keep, logits, float("-inf"))              # Eq. 12: logits + d_j, d_j in {0, -inf}
         return masked.softmax(dim=-1)                                  # Eq. 14
     p = logits.softmax(dim=-1)                                         # Eq. 2
     kept = p.masked_fill(~keep, 0.0)                                   # d_j p_j, d_j in {0, 1}
@@ -172,6 +173,43 @@ def dropped_weights(logits, keep, mode, drop_ratio):
         return kept / (1.0 - drop_ratio)                               # rows no longer sum to 1
     total = kept.sum(dim=-1, keepdim=True)                             # (B, H, N, 1)
     return torch.where(total > 0, kept / total, p)                     # Eq. 1 (p if every kept p_j underflowed)
+
+
+def additive_mask(keep, dtype):
+    """The mask D of Eq. 12 as numbers: 0 where kept, -inf where dropped, (B, H, N, N)."""
+    zero = torch.zeros((), dtype=dtype, device=keep.device)
+    return torch.where(keep, zero, zero - float("inf"))
+
+
+class _FusedMaskedAttention(torch.autograd.Function):
+    """SDPA's CPU flash kernel with a keep mask, keeping the *boolean* mask for backward.
+
+    F.scaled_dot_product_attention turns a boolean mask into a float one and
+    keeps that for backward (4 bytes per mask element); this keeps the
+    boolean (1 byte) and rebuilds the float mask in backward. Same kernels,
+    bit-identical outputs and gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=additive_mask(keep, q.dtype))
+        ctx.save_for_backward(q, k, v, out, lse, keep)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, keep = ctx.saved_tensors
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=additive_mask(keep, q.dtype))
+        return (*grads, None)
+
+
+def _sdpa(q, k, v, keep):
+    """Fused attention; keep (bool, True = take part) is the -inf of Eq. 12, or None."""
+    if keep is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
+        return _FusedMaskedAttention.apply(q, k, v, keep)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
 
 
 def _use_fused(q, fused):
@@ -218,8 +256,7 @@ def attention(q, k, v, mode="dropkey", drop_ratio=0.0, training=True, *, grid=No
         keep = keep_mask if keep_mask is not None else sample_keep_mask((B, H, N, N), mode, drop_ratio, **sample)
         keep = fall_back(keep.expand(B, H, N, N))                      # (B, H, N, N)
     if _use_fused(q, fused) and not return_weights and (not dropping or mode in MASK_BEFORE_SOFTMAX):
-        # Exact: SDPA's boolean attn_mask is the -inf of Eq. 12 (True = take part).
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep if dropping else None)
+        return _sdpa(q, k, v, keep if dropping else None)             # Eq. 12-14, fused
     logits = (q @ k.transpose(-2, -1)) * D ** -0.5                     # (B, H, N, N)
     if dropping:
         weights = dropped_weights(logits, keep, mode, drop_ratio)      # (B, H, N, N)
