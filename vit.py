@@ -119,3 +119,29 @@ def remove_patches(x, fraction):
     order = torch.rand(B, P, device=x.device).argsort(dim=1)[:, :n_keep]  # (B, P') random subset
     order = order.sort(dim=1).values                                      # keep the original order
     return x.gather(1, order.unsqueeze(-1).expand(B, n_keep, C))          # (B, P', C)
+
+
+def cls_attention_entropy(weights):
+    """Entropy E = -sum_j p_j log p_j of the class token's attention, mean over heads (Fig. 4).
+
+    weights: (B, H, N, N) of one layer -> (B,). Row 0 is the class token's query.
+    """
+    p = weights[:, :, 0].float()                                          # (B, H, N)
+    return -(p * p.clamp_min(1e-30).log()).sum(-1).mean(-1)               # (B,)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    model = ViT()
+    print(model)
+    print(f"\nparameters: {sum(p.numel() for p in model.parameters()):,}")
+    for schedule in dropkey.SCHEDULES:
+        ratios = dropkey.layer_drop_ratios(0.3, len(model.blocks), schedule)
+        print(f"{schedule:>10} drop ratios: {', '.join(f'{r:.2f}' for r in ratios)}")
+    model.eval()
+    with torch.no_grad():
+        _, attention = model(torch.randn(8, 3, 32, 32), return_attention=True)
+    uniform = torch.log(torch.tensor(float(attention[0].shape[-1]))).item()
+    print(f"class-token attention entropy per layer, untrained model, 8 random images "
+          f"(uniform over {attention[0].shape[-1]} keys = {uniform:.3f}):")
+    print("  " + ", ".join(f"{cls_attention_entropy(w).mean().item():.3f}" for w in attention))
