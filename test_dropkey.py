@@ -220,8 +220,8 @@ def test_keep_mask_broadcasts_and_generator_reproduces():
 
 def test_monte_carlo_alignment_matches_enumerated_expectation():
     """At eval, mc_samples=T averages the re-normalised weights: E[w_j] = c_j p_j (Eq. 3)."""
-    q, k, v = _qkv(B=1, H=1, N=4, seed=23)
-    d, T = 0.5, 4000
+    q, k, v = (t[:1].expand(500, 1, 4, 8) for t in _qkv(B=1, H=1, N=4, seed=23))  # 500 copies of one row set
+    d, T = 0.5, 8                                                    # 500 x 8 = 4000 masks per weight
     p = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(8), dim=-1)[0, 0].double()   # (4, 4)
     expected = torch.zeros_like(p)
     for bits in range(16):                                           # all 2^4 keep masks
@@ -231,8 +231,8 @@ def test_monte_carlo_alignment_matches_enumerated_expectation():
         expected += prob * w / w.sum(-1, keepdim=True)
     _, w = dropkey.attention(q, k, v, "dropkey", d, training=False, mc_samples=T, return_weights=True,
                              generator=torch.Generator().manual_seed(24))
-    w = w[0, 0].double()
-    sigma = torch.sqrt(expected * (1 - expected) / T)                # each w_j lies in [0, 1]: var <= E(1 - E)
+    w = w[:, 0].double().mean(0)                                     # average of 4000 sampled weights
+    sigma = torch.sqrt(expected * (1 - expected) / 4000)                # each w_j lies in [0, 1]: var <= E(1 - E)
     assert ((w - expected).abs() <= 4 * sigma + 1e-6).all()
     assert (w - p).abs().max() > 0.01                                # and it is not plain attention
 
@@ -300,6 +300,34 @@ def test_vit_monte_carlo_eval_changes_output_and_is_off_by_default():
     assert not torch.allclose(model(x), plain, atol=1e-6)
 
 
+def test_cls_attention_entropy_of_uniform_and_one_hot_rows():
+    from vit import cls_attention_entropy
+    w = torch.zeros(2, 3, 5, 5)
+    w[0, :, 0] = 1 / 5                                               # uniform class-token row: log 5
+    w[1, :, 0, 2] = 1.0                                              # one-hot: 0
+    torch.testing.assert_close(cls_attention_entropy(w), torch.tensor([math.log(5), 0.0]))
+
+
+def test_python_vit_py_prints_schedules_and_entropy():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "vit.py"], capture_output=True, text=True, timeout=120,
+                         cwd=__import__("pathlib").Path(__file__).parent)
+    assert out.returncode == 0, out.stderr
+    assert "decreasing drop ratios: 0.30, 0.24, 0.18, 0.12, 0.06, 0.00" in out.stdout
+    assert "parameters: 1,806,538" in out.stdout and "entropy per layer" in out.stdout
+
+
+def test_readme_step_through_snippet_runs(capsys):
+    import pathlib
+    readme = (pathlib.Path(__file__).parent / "README.md").read_text()
+    code = readme.split("<!-- step-through -->\n```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README step-through", "exec"), {})
+    printed = capsys.readouterr().out
+    assert all(f"\n{mode}: keep mask" in printed for mode in dropkey.MODES)
+    assert printed.count("row sums") == len(dropkey.MODES)
+
+
 @pytest.mark.parametrize("mode", dropkey.MODES)
 def test_tiny_vit_overfits_one_batch_in_every_mode(mode):
     torch.manual_seed(27)
@@ -321,5 +349,383 @@ def test_tiny_vit_overfits_one_batch_in_every_mode(mode):
 # ============================================================================ exact expectation
 
 # ============================================================================ trainer: train_cifar.py
+import argparse
+import builtins
+import contextlib
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import struct
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+
+import train_cifar
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--dataset", "synthetic", "--limit-train", "256", "--limit-test", "128", "--batch-size", "64",
+        "--dim", "32", "--depth", "2", "--heads", "2", "--patch-size", "8", "--warmup-epochs", "0.5"]
+TWO_STAGES = ["--epochs", "2", "--finetune-epochs", "1", "--mc-samples", "2"]
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: two threads on a busy 2-core CPU can be 50x slower
+
+
+@contextlib.contextmanager
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Writes pickles the way Python 2 wrote the official CIFAR files: protocol 2, every str and
+    bytes as a Python 2 str (BINSTRING), numpy's reconstruction under its numpy 1 name."""
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj):
+        obj = obj.encode("latin1") if isinstance(obj, str) else obj
+        header = pickle.SHORT_BINSTRING + bytes([len(obj)]) if len(obj) < 256 else pickle.BINSTRING + struct.pack("<i", len(obj))
+        self.write(header + obj)
+        self.memoize(obj)
+    dispatch[bytes] = dispatch[str] = save_py2_str
+
+    def save_global(self, obj, name=None):
+        if obj is train_cifar._reconstruct:
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+def _py2_pickle(obj):
+    buffer = io.BytesIO()
+    _Py2Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
+def _write_cifar(root, name, n=7, seed=0):
+    """A CIFAR folder in the official format with n images per file; returns {file: (data, labels)}."""
+    spec = train_cifar.CIFAR[name]
+    folder = root / spec["folder"]
+    folder.mkdir(parents=True)
+    rng, written = np.random.default_rng(seed), {}
+    for file in spec["train"] + spec["test"]:
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, spec["classes"], n).tolist()
+        batch = {b"batch_label": b"batch " + file.encode(), b"data": data, spec["label_key"]: labels,
+                 b"filenames": [b"img_%d.png" % i for i in range(n)]}
+        if name == "cifar100":
+            batch[b"coarse_labels"] = [label // 5 for label in labels]
+        (folder / file).write_bytes(_py2_pickle(batch))
+        written[file] = (data, labels)
+    return written
+
+
+def _channel_major(data):
+    """Independent decoding of CIFAR rows: pixel (c, i, j) is byte c * 1024 + i * 32 + j."""
+    c, i, j = np.meshgrid(np.arange(3), np.arange(32), np.arange(32), indexing="ij")
+    return torch.from_numpy(data[:, c * 1024 + i * 32 + j])             # (n, 3, 32, 32)
+
+
+def _cfg(dataset, data_dir):
+    return argparse.Namespace(dataset=dataset, data_dir=str(data_dir), limit_train=None, limit_test=None, seed=0)
+
+
+def _tarball(tmp_path, name):
+    """data/ holding only the tarball of a small real-format CIFAR folder; returns (data_dir, tarball, written)."""
+    written = _write_cifar(tmp_path / "staging", name)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    tarball = data_dir / os.path.basename(train_cifar.CIFAR[name]["url"])
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(tmp_path / "staging" / train_cifar.CIFAR[name]["folder"], arcname=train_cifar.CIFAR[name]["folder"])
+    return data_dir, tarball, written
+
+
+def test_py2_test_pickles_have_the_layout_of_the_official_files():
+    raw = _py2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2]})
+    assert raw.startswith(b"\x80\x02}") and b"cnumpy.core.multiarray\n_reconstruct\n" in raw
+    assert b"_codecs" not in raw and b"X\x04\x00\x00\x00data" not in raw   # no Python 3 bytes or str
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_loader_reads_the_official_pickle_format(tmp_path, name):
+    written = _write_cifar(tmp_path, name)
+    spec = train_cifar.CIFAR[name]
+    data = train_cifar.load_data(_cfg(name, tmp_path), torch.device("cpu"))
+    for split in ("train", "test"):
+        images, labels = data[split]
+        expect = [written[f] for f in spec[split]]
+        assert images.dtype == torch.uint8 and images.shape == (7 * len(expect), 3, 32, 32)
+        assert torch.equal(images, torch.cat([_channel_major(d) for d, _ in expect]))
+        assert labels.tolist() == sum((l for _, l in expect), [])       # fine labels for CIFAR-100
+    assert data["classes"] == spec["classes"]
+    torch.testing.assert_close(data["mean"].flatten(), torch.tensor(spec["mean"]), rtol=0, atol=0)
+
+
+def test_tarball_with_the_expected_md5_is_extracted_and_loaded(tmp_path, monkeypatch):
+    data_dir, tarball, written = _tarball(tmp_path, "cifar10")
+    monkeypatch.setitem(train_cifar.CIFAR["cifar10"], "md5", hashlib.md5(tarball.read_bytes()).hexdigest())
+    data = train_cifar.load_data(_cfg("cifar10", data_dir), torch.device("cpu"))
+    assert torch.equal(data["test"][0], _channel_major(written["test_batch"][0]))
+    assert sorted(os.listdir(data_dir)) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]  # no temp folder
+
+
+def test_wrong_md5_renames_the_tarball_and_extracts_nothing(tmp_path):
+    data_dir, tarball, _ = _tarball(tmp_path, "cifar10")                # not the official md5
+    with pytest.raises(train_cifar.DataError, match="md5 .* expected c58f30108f718f92721af3b95e74349a"):
+        train_cifar.load_data(_cfg("cifar10", data_dir), torch.device("cpu"))
+    assert os.listdir(data_dir) == ["cifar-10-python.tar.gz.bad"]       # never trusted again
+
+
+def test_tarball_without_the_folder_leaves_nothing_half_extracted(tmp_path, monkeypatch):
+    data_dir, tarball, _ = _tarball(tmp_path, "cifar100")               # a CIFAR-100 tarball ...
+    os.replace(tarball, data_dir / "cifar-10-python.tar.gz")            # ... under the CIFAR-10 name
+    md5 = hashlib.md5((data_dir / "cifar-10-python.tar.gz").read_bytes()).hexdigest()
+    monkeypatch.setitem(train_cifar.CIFAR["cifar10"], "md5", md5)
+    with pytest.raises(train_cifar.DataError, match="has no cifar-10-batches-py/ inside"):
+        train_cifar.load_data(_cfg("cifar10", data_dir), torch.device("cpu"))
+    assert os.listdir(data_dir) == ["cifar-10-python.tar.gz"]
+
+
+def test_failed_download_is_one_clear_error_and_leaves_no_part_file(tmp_path, monkeypatch):
+    monkeypatch.setitem(train_cifar.CIFAR["cifar10"], "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    with pytest.raises(train_cifar.DataError, match="could not download .* or try --dataset synthetic"):
+        train_cifar.load_data(_cfg("cifar10", tmp_path / "data"), torch.device("cpu"))
+    assert os.listdir(tmp_path / "data") == []
+
+
+def test_corrupt_batch_file_exits_with_one_error_line(tmp_path):
+    _write_cifar(tmp_path, "cifar10")
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:5000])                        # a truncated copy
+    run = subprocess.run([sys.executable, "train_cifar.py", "--data-dir", str(tmp_path), "--epochs", "1",
+                          "--warmup-epochs", "0", "--out", str(tmp_path / "run")],
+                         cwd=HERE, env=ONE_THREAD, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith(f"error: {batch} is not a valid CIFAR batch file")
+
+
+class _Payload:
+    """Calls `call` when unpickled: what a hostile file would do."""
+
+    def __init__(self, *call):
+        self.call = call
+
+    def __reduce__(self):
+        return self.call
+
+
+def _payloads(target):
+    return {"builtins.open": (builtins.open, (str(target), "w")), "os.system": (os.system, (f"touch {target}",))}
+
+
+@pytest.mark.parametrize("call", ["builtins.open", "os.system"])
+def test_hostile_batch_file_is_refused_before_it_runs(tmp_path, call):
+    target, batch = tmp_path / "pwned", tmp_path / "data_batch_1"
+    batch.write_bytes(_py2_pickle({b"data": _Payload(*_payloads(target)[call]), b"labels": []}))
+    name = call.split(".")[1]                                            # pickled as __builtin__.open, posix.system
+    with pytest.raises(train_cifar.DataError, match=rf"{re.escape(str(batch))} is not a valid .*refused \S*\.{name}:"):
+        train_cifar.read_batch(str(batch), train_cifar.CIFAR["cifar10"])
+    assert not target.exists()
+    loaded = pickle.loads(batch.read_bytes(), encoding="latin1")        # the payload is live: a plain load runs it
+    if call == "builtins.open":
+        loaded["data"].close()
+    assert target.exists()
+
+
+def test_hostile_checkpoint_is_refused_before_it_runs(tmp_path, capsys):
+    target, run = tmp_path / "pwned", tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": _Payload(*_payloads(target)["os.system"])}, run / "checkpoint.pt")
+    with pytest.raises(SystemExit, match=f"error: refused to load {run / 'checkpoint.pt'}: weights_only"):
+        train_cifar.main(["--resume", str(run)])
+    assert not target.exists()
+    torch.load(run / "checkpoint.pt", weights_only=False)               # the payload is live
+    assert target.exists()
+
+
+def test_synthetic_needs_spatial_structure_not_the_mean_colour():
+    """Least squares on the mean colour stays at chance (10% + 4 sigma = 12.7% on 2000 test images);
+    the same fit on the power spectrum, which sees the texture, is far above it."""
+    (x_train, y_train), (x_test, y_test) = (train_cifar.synthetic(n, 0, split) for n, split in ((3000, "train"), (2000, "test")))
+
+    def accuracy(feature):
+        a, b = feature(x_train), feature(x_test)
+        mu, sd = a.mean(0), a.std(0) + 1e-6
+        a, b = [torch.cat([(f - mu) / sd, torch.ones(len(f), 1)], 1) for f in (a, b)]
+        w = torch.linalg.lstsq(a, F.one_hot(y_train, 10).float()).solution
+        return ((b @ w).argmax(1) == y_test).float().mean().item()
+
+    gray = lambda x: x.float().mean(1) - x.float().mean((1, 2, 3)).view(-1, 1, 1)
+    assert accuracy(lambda x: x.float().mean((2, 3))) < 0.1 + 4 * math.sqrt(0.09 / 2000)
+    assert accuracy(lambda x: torch.fft.rfft2(gray(x)).abs().pow(2).flatten(1)) > 0.25
+
+
+def test_synthetic_first_images_do_not_depend_on_n_and_follow_the_seed():
+    images, labels = train_cifar.synthetic(1500, seed=3)
+    assert torch.equal(train_cifar.synthetic(700, seed=3)[0], images[:700])
+    assert not torch.equal(train_cifar.synthetic(700, seed=4)[0], images[:700])
+    assert not torch.equal(train_cifar.synthetic(700, seed=3, split="test")[0], images[:700])
+    assert images.dtype == torch.uint8 and images.shape == (1500, 3, 32, 32) and set(labels.tolist()) == set(range(10))
+
+
+def test_augment_is_a_crop_of_the_padded_image_possibly_flipped():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    out = train_cifar.augment(images, torch.Generator().manual_seed(0))
+    padded = F.pad(images, (4, 4, 4, 4))
+    flips = 0
+    for b in range(64):
+        crops = [padded[b, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+        plain = any(torch.equal(out[b], c) for c in crops)
+        flipped = any(torch.equal(out[b], c.flip(-1)) for c in crops)
+        assert plain or flipped
+        flips += flipped and not plain
+    assert 16 <= flips <= 48                                             # Binomial(64, 0.5): mean 32, 4 sigma = 16
+
+
+def test_lr_schedule_warms_up_decays_to_zero_then_stays_at_the_finetune_lr():
+    cfg = argparse.Namespace(lr=1e-3, warmup_epochs=1, epochs=4, finetune_lr=1e-5)
+    lrs = [train_cifar.get_lr(step, cfg, steps_per_epoch=10) for step in range(50)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)
+    assert lrs[25] == pytest.approx(0.5e-3) and 0 < lrs[39] < 1e-5 and lrs[40:] == [1e-5] * 10
+
+
+def test_weight_decay_only_on_tensors_with_two_or_more_dims():
+    model = ViT(dim=32, depth=2, heads=2, patch_size=8)
+    cfg = argparse.Namespace(weight_decay=0.05, lr=1e-3)
+    decayed, plain = train_cifar.build_optimizer(model, cfg).param_groups
+    assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
+    assert {id(p) for p in decayed["params"]} == {id(p) for p in model.parameters() if p.dim() >= 2}
+    assert {id(p) for p in plain["params"]} == {id(p) for p in model.parameters() if p.dim() < 2}
+
+
+def test_cli_run_on_synthetic_writes_every_metric(tmp_path):
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, "train_cifar.py", *TINY, *TWO_STAGES, "--occlusion", "--attention-map",
+                          "--out", str(out)], cwd=HERE, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("test_acc", "test_acc_finetuned", "test_acc_mc"):
+        assert 0.0 <= metrics[key] <= 1.0
+    entropy = metrics["cls_attention_entropy"]                           # N = 1 + 4 * 4 = 17 keys
+    assert len(entropy) == 2 and all(0.0 < e <= math.log(17) + 1e-6 for e in entropy)
+    assert list(metrics["occlusion"]) == ["0.0", "0.1", "0.3", "0.5", "0.7", "0.9"]
+    assert metrics["images_per_s"] > 0 and metrics["train_time_s"] > 0 and metrics["finished"]
+    assert metrics["config"]["dim"] == 32 and metrics["config"]["mode"] == "dropkey" and metrics["torch"] == torch.__version__
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["stage"]) for r in rows] == [(1, "train"), (2, "train"), (3, "finetune")]
+    assert rows[2]["lr"] == 1e-5 and rows[1]["test_acc"] == metrics["test_acc"]
+    assert (out / "attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 3
+    assert sorted(os.listdir(out)) == ["attention.png", "checkpoint.pt", "log.jsonl", "metrics.json"]  # no .tmp
+    assert sum(line[:5].strip().isdigit() for line in run.stdout.splitlines()) == 3   # one row per epoch
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    with _one_thread():
+        train_cifar.main(TINY + TWO_STAGES + ["--out", str(out)])
+    return out
+
+
+def _without_timing(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("train_time_s", "images_per_s", "eval_time_s"):
+        del metrics[key]
+    del metrics["config"]["out"]
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return metrics, [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s")} for r in rows]
+
+
+@pytest.mark.parametrize("stop_at", [1, 2])  # in the second training epoch, in the fine-tune epoch
+def test_resume_ends_bit_identical_to_an_uninterrupted_run(uninterrupted_run, tmp_path, monkeypatch, stop_at):
+    out, real = tmp_path / "run", train_cifar.train_one_epoch
+
+    def interrupted(model, optimizer, data, cfg, epoch, *rest):
+        if epoch == stop_at:
+            raise KeyboardInterrupt
+        return real(model, optimizer, data, cfg, epoch, *rest)
+
+    monkeypatch.setattr(train_cifar, "train_one_epoch", interrupted)
+    with _one_thread(), pytest.raises(SystemExit, match=f"continue with: python train_cifar.py --resume {out}"):
+        train_cifar.main(TINY + TWO_STAGES + ["--out", str(out)])
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == stop_at
+    monkeypatch.undo()
+    with _one_thread():
+        train_cifar.main(["--resume", str(out)])
+    assert _without_timing(out) == _without_timing(uninterrupted_run)
+    resumed, whole = (torch.load(run / "checkpoint.pt", weights_only=True) for run in (out, uninterrupted_run))
+    for name, tensor in whole["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    for index, state in whole["optimizer"]["state"].items():
+        assert all(torch.equal(resumed["optimizer"]["state"][index][k], v) for k, v in state.items())
+
+
+def test_resume_refuses_a_changed_flag(uninterrupted_run, capsys):
+    with pytest.raises(SystemExit):
+        train_cifar.main(["--resume", str(uninterrupted_run), "--lr", "0.5"])
+    assert "drop --lr (saved: 0.001)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--drop-ratio", "1.5"], ["--mode", "dropout"], ["--epochs", "0"],
+                                   ["--dim", "30", "--heads", "4"], ["--epochs", "2", "--warmup-epochs", "5"],
+                                   ["--mode", "dropkey_block", "--block-size", "9"], ["--limit-train", "x"]])
+def test_bad_flag_value_is_one_error_line(flags, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        train_cifar.main(["--dry-run", *flags])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("train_cifar.py: error: ")
+    assert os.listdir(tmp_path) == []
+
+
+def test_dry_run_validates_without_data_or_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    train_cifar.main(["--dry-run", "--dataset", "cifar100", "--mode", "dropkey_cross", "--block-size", "1"])
+    assert capsys.readouterr().out.startswith("dry run: configuration is valid;")
+    assert os.listdir(tmp_path) == []                                    # no download, no run folder
+
+
+@pytest.mark.skipif(hasattr(ViT(), "align"), reason="vit.py has ViT.align")
+def test_align_exact_without_vit_support_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        train_cifar.main(["--dry-run", "--align", "exact"])
+    assert "needs ViT.align" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(ViT(), "align"), reason="vit.py has no ViT.align yet (issue 5)")
+def test_align_exact_reports_test_acc_exact(tmp_path):
+    with _one_thread():
+        train_cifar.main(TINY + ["--epochs", "1", "--warmup-epochs", "0", "--align", "exact",
+                                 "--out", str(tmp_path / "run")])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_acc_exact"] <= 1.0 and "exact" in metrics["eval_time_s"]
+
 
 # ============================================================================ notebook: theory.ipynb
+
+def test_theory_notebook_runs_with_every_assert_passing():
+    """Run theory.ipynb top to bottom; a failing assert in any cell fails this test.
+
+    The notebook checks Sec. 3.1 (Eq. 1-14) numerically. It takes ~20-30 s on 2 CPU
+    cores, kernel start-up included; 120 s per cell is a generous limit for slow CI.
+    """
+    from pathlib import Path
+
+    import nbclient
+    import nbformat
+
+    here = Path(__file__).resolve().parent
+    notebook = nbformat.read(here / "theory.ipynb", as_version=4)
+    client = nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3",
+                                     resources={"metadata": {"path": str(here)}})
+    client.execute()  # raises CellExecutionError with the failing cell and its traceback

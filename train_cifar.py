@@ -1,0 +1,600 @@
+"""Train a ViT with any attention-dropout mode on CIFAR-10/100 or synthetic data; run the paper's evaluations.
+
+Li et al., "DropKey for Vision Transformer", CVPR 2023, Sec. 4.1: each CIFAR
+experiment is one command: schedules (Table 1), structured drops (Table 2),
+occlusion (Table 3), expectation alignment (Table 4), class-token entropy
+(Fig. 4), attention maps (Fig. 5). The README's "Train" section lists them.
+
+Reading order: data (download, md5, a restricted unpickler, a synthetic set,
+crop + flip on whole batches) -> model and optimizer -> lr schedule ->
+evaluate -> train -> main. A run writes log.jsonl (one row per epoch),
+metrics.json and checkpoint.pt into --out, each replaced atomically every
+epoch, and attention.png with --attention-map.
+"""
+import argparse
+import contextlib
+import hashlib
+import http.client
+import json
+import math
+import os
+import pickle
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import dropkey
+from vit import ViT, cls_attention_entropy
+
+try:
+    from numpy._core.multiarray import _reconstruct  # numpy >= 2
+except ImportError:
+    from numpy.core.multiarray import _reconstruct   # numpy 1.x
+
+# ----------------------------------------------------------------------------- data
+
+CIFAR = {  # the official python tarballs, their md5 and per-channel statistics
+    "cifar10": dict(url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                    md5="c58f30108f718f92721af3b95e74349a", folder="cifar-10-batches-py",
+                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
+                    label_key=b"labels", classes=10,
+                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+    "cifar100": dict(url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                     md5="eb9058c3a382ffc7106e4002c42a8d85", folder="cifar-100-python",
+                     train=["train"], test=["test"], label_key=b"fine_labels", classes=100,
+                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+}
+SYNTHETIC = dict(train=10000, test=2000, classes=10,  # mean and std measured on the seed-0 train split
+                 mean=(0.4130, 0.4115, 0.4118), std=(0.2333, 0.2339, 0.2332))
+
+
+class DataError(Exception):
+    """A problem with files or the download; main prints it as one line, without a traceback."""
+
+
+def verify_md5(path, expected):
+    """Raise DataError unless `path` has md5 `expected`; a bad file is renamed to *.bad, never trusted again."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        os.replace(path, path + ".bad")
+        raise DataError(f"{path} has md5 {digest.hexdigest()}, expected {expected} (truncated or not the "
+                        f"official file); moved it to {path}.bad. Run again, or place the official tarball there")
+
+
+def download(url, path):
+    """Stream `url` into `path` through a .part file, so an interrupted download never looks complete."""
+    print(f"downloading {url} -> {path}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(path + ".part", "wb") as f:
+            shutil.copyfileobj(response, f)
+    except (OSError, ValueError, http.client.HTTPException) as e:  # offline, refused, timed out, cut off
+        with contextlib.suppress(OSError):
+            os.remove(path + ".part")
+        raise DataError(f"could not download {url} ({e}); offline, put {os.path.basename(path)} into "
+                        f"{os.path.dirname(path) or '.'} yourself, or try --dataset synthetic") from None
+    os.replace(path + ".part", path)
+
+
+def extract(tarball, data_dir, folder):
+    """Extract into a temporary folder, then rename `folder` into place: a failed extraction leaves nothing."""
+    tmp = tempfile.mkdtemp(prefix=".extract-", dir=data_dir)
+    try:
+        with tarfile.open(tarball) as tar:
+            tar.extractall(tmp, filter="data")  # refuses absolute paths, links out of tmp, devices
+        if not os.path.isdir(os.path.join(tmp, folder)):
+            raise DataError(f"{tarball} has no {folder}/ inside; delete it and run again")
+        os.replace(os.path.join(tmp, folder), os.path.join(data_dir, folder))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"could not extract {tarball} ({e}); delete it and run again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_cifar(spec, data_dir):
+    """The extracted CIFAR folder; if missing, download the tarball (unless present), check its md5, extract."""
+    folder = os.path.join(data_dir, spec["folder"])
+    if not os.path.isdir(folder):
+        os.makedirs(data_dir, exist_ok=True)
+        tarball = os.path.join(data_dir, os.path.basename(spec["url"]))
+        if not os.path.exists(tarball):
+            download(spec["url"], tarball)
+        verify_md5(tarball, spec["md5"])
+        extract(tarball, data_dir, spec["folder"])
+    return folder
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what the official CIFAR files hold (issue 8).
+
+    They are Python 2 pickles of a dict of byte strings, ints, lists and one
+    uint8 array; the only globals they name are numpy's array reconstruction.
+    A plain pickle.load calls whatever global a file names (os.system,
+    builtins.open, ...), so every other name is refused before it is called.
+    """
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+               ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused {module}.{name}: official CIFAR files never name it, "
+                                         f"and unpickling it could run code")
+        return self.ALLOWED[(module, name)]
+
+
+def read_batch(path, spec):
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from one official CIFAR batch file."""
+    folder = os.path.dirname(path)
+    if not os.path.exists(path):
+        raise DataError(f"missing {path}; delete {folder} and run again to extract it anew")
+    try:
+        with open(path, "rb") as f:
+            batch = CifarUnpickler(f, encoding="bytes").load()   # Python 2 str -> bytes
+        data, labels = batch[b"data"], np.asarray(batch[spec["label_key"]], dtype=np.int64)
+    except Exception as e:  # truncated, foreign or hostile: all mean "not an official batch file"
+        raise DataError(f"{path} is not a valid CIFAR batch file ({type(e).__name__}: {e}); "
+                        f"delete {folder} and run again") from None
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+            and data.shape[1] == 3072 and labels.shape == (len(data),)
+            and (labels.size == 0 or 0 <= labels.min() <= labels.max() < spec["classes"])):
+        raise DataError(f"{path}: expected b'data', uint8 N x 3072, and N labels below {spec['classes']}; "
+                        f"delete {folder} and run again")
+    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())  # rows: 1024 red, 1024 green, 1024 blue
+    return images, torch.from_numpy(labels)
+
+
+def synthetic(n, seed, split="train", chunk=1000):
+    """`n` procedurally generated 32x32 RGB images (uint8, (n, 3, 32, 32)) and labels in 0..9.
+
+    Each image is a bright textured disc on a dark, noisy ground. The class is
+    the texture: stripes at 0, +-30, +-60 or 90 degrees, or a plaid, with a
+    period of 5 (classes 0-4) or 10 pixels (5-9). The angle's sign is random,
+    so a horizontal flip keeps the class; place, size, phase and colours are
+    random, so the mean colour says nothing about the class: a model has to
+    find the disc and read its texture. Chunk c comes from its own seed
+    (seed, split, c), so the first k images do not depend on n.
+    """
+    images, labels = [], []
+    y, x = torch.meshgrid(torch.arange(32.0) + 0.5, torch.arange(32.0) + 0.5, indexing="ij")  # (32, 32)
+    for c in range(math.ceil(n / chunk)):
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, split == "test", c]).generate_state(1)[0]))
+        uniform = lambda low, high, *shape: low + (high - low) * torch.rand(chunk, *shape, generator=g)
+        label = torch.randint(0, 10, (chunk,), generator=g)
+        kind = (label % 5).view(chunk, 1, 1)                                 # 0..3 stripes, 4 plaid
+        sign = torch.randint(0, 2, (chunk, 1, 1), generator=g) * 2 - 1
+        angle = sign * kind.clamp(max=3) * math.pi / 6                      # (chunk, 1, 1)
+        freq = 2 * math.pi / torch.where(label < 5, 5.0, 10.0).view(chunk, 1, 1)
+        phase = uniform(0, 2 * math.pi, 1, 1)
+        wave = torch.cos(freq * (x * angle.cos() + y * angle.sin()) + phase)  # (chunk, 32, 32) stripes
+        plaid = kind.view(-1) == 4
+        wave[plaid] = 0.5 * (torch.cos(freq[plaid] * x + phase[plaid]) + torch.cos(freq[plaid] * y + 1.7 * phase[plaid]))
+        texture = 0.5 + 0.5 * wave                                          # in [0, 1]
+        radius, cy, cx = uniform(11, 16, 1, 1), uniform(8, 24, 1, 1), uniform(8, 24, 1, 1)
+        disc = ((y - cy) ** 2 + (x - cx) ** 2 < radius ** 2).float()        # (chunk, 32, 32)
+        mix = (disc * (0.25 + 0.75 * texture)).unsqueeze(1)                  # (chunk, 1, 32, 32)
+        fg, bg = uniform(0.5, 1.0, 3, 1, 1), uniform(0.0, 0.5, 3, 1, 1)      # (chunk, 3, 1, 1)
+        image = bg + (fg - bg) * mix + 0.08 * torch.randn(chunk, 3, 32, 32, generator=g)
+        images.append((image.clamp(0, 1) * 255).round().to(torch.uint8))
+        labels.append(label)
+    return torch.cat(images)[:n], torch.cat(labels)[:n]
+
+
+def load_data(cfg, device):
+    """Both splits as uint8 images and int64 labels on `device`, plus the class count, mean and std."""
+    limit = {"train": cfg.limit_train, "test": cfg.limit_test}
+    if cfg.dataset == "synthetic":
+        spec = SYNTHETIC
+        splits = {s: synthetic(min(limit[s] or spec[s], spec[s]), cfg.seed, s) for s in ("train", "test")}
+    else:
+        spec = CIFAR[cfg.dataset]
+        folder = ensure_cifar(spec, cfg.data_dir)
+        splits = {}
+        for s in ("train", "test"):
+            batches = [read_batch(os.path.join(folder, name), spec) for name in spec[s]]
+            splits[s] = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    data = {s: (x[:limit[s]].to(device), y[:limit[s]].to(device)) for s, (x, y) in splits.items()}
+    stats = {k: torch.tensor(spec[k], device=device).view(1, 3, 1, 1) for k in ("mean", "std")}
+    return dict(data, classes=spec["classes"], **stats)
+
+
+def augment(images, generator):
+    """Random crop with 4-pixel zero padding and a random horizontal flip of a whole uint8 batch, on its device."""
+    B, C, H, W = images.shape
+    device = images.device
+    padded = F.pad(images, (4, 4, 4, 4))                                    # (B, C, H + 8, W + 8)
+    dy, dx = torch.randint(0, 9, (2, B, 1), device=device, generator=generator)
+    flip = torch.rand(B, 1, device=device, generator=generator) < 0.5
+    rows, cols = torch.arange(H, device=device), torch.arange(W, device=device)
+    rows = (dy + rows).view(B, 1, H, 1)                                     # (B, 1, H, 1)
+    cols = (dx + torch.where(flip, W - 1 - cols, cols)).view(B, 1, 1, W)    # (B, 1, 1, W); reversed = flipped
+    return padded[torch.arange(B, device=device).view(B, 1, 1, 1),
+                  torch.arange(C, device=device).view(1, C, 1, 1), rows, cols]  # (B, C, H, W)
+
+
+def normalize(images, data):
+    return (images.float() / 255 - data["mean"]) / data["std"]              # (B, 3, 32, 32)
+
+
+# ----------------------------------------------------------------------------- model and optimizer
+
+def build_model(cfg, classes):
+    return ViT(image_size=32, patch_size=cfg.patch_size, num_classes=classes, dim=cfg.dim,
+               depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, attn_drop_mode=cfg.mode,
+               drop_ratio=cfg.drop_ratio, schedule=cfg.schedule, block_size=cfg.block_size)
+
+
+def build_optimizer(model, cfg):
+    """AdamW with weight decay on tensors of >= 2 dims (matrices, embeddings), not on biases and norms."""
+    params = list(model.parameters())
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr)
+
+
+@contextlib.contextmanager
+def aligned(model, mc_samples=0, align="none"):
+    """Evaluate with Monte-Carlo (`model.mc_samples`) or exact (`model.align`) expectation alignment, then undo."""
+    saved = model.mc_samples, getattr(model, "align", None)
+    model.mc_samples = mc_samples
+    if align != "none":
+        model.align = align
+    try:
+        yield model
+    finally:
+        model.mc_samples = saved[0]
+        if align != "none":
+            model.align = saved[1]
+
+
+def autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- lr schedule
+
+def get_lr(step, cfg, steps_per_epoch):
+    """Linear warm-up, cosine decay to 0 at the end of --epochs, then the constant fine-tune lr (Sec. 4.1)."""
+    warmup, total = round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
+    if step >= total:
+        return cfg.finetune_lr
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+@torch.no_grad()
+def evaluate(model, data, cfg, drop_patches=0.0):
+    """(loss, accuracy) on the test split in eval mode: no attention dropout unless an alignment is on."""
+    model.eval()
+    images, labels = data["test"]
+    loss, correct = 0.0, 0
+    for i in range(0, len(images), cfg.batch_size):
+        x, y = normalize(images[i:i + cfg.batch_size], data), labels[i:i + cfg.batch_size]
+        with autocast(x.device):
+            logits = model(x, drop_patches=drop_patches).float()            # (B, classes)
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    return loss / len(images), correct / len(images)
+
+
+@torch.no_grad()
+def entropy_per_layer(model, data, cfg):
+    """Per layer, the class token's attention entropy E = -sum_j p_j log p_j, mean over heads and images (Fig. 4).
+
+    The sum runs over all N keys, the class token's own included: a uniform row gives log N.
+    """
+    model.eval()
+    images, total = data["test"][0], torch.zeros(len(model.blocks))
+    for i in range(0, len(images), cfg.batch_size):
+        with autocast(images.device):
+            _, attention = model(normalize(images[i:i + cfg.batch_size], data), return_attention=True)
+        total += torch.stack([cls_attention_entropy(w).sum() for w in attention]).cpu()  # (depth,)
+    return (total / len(images)).tolist()
+
+
+def occlusion(model, data, cfg, draws=5):
+    """Accuracy with a fraction f of the patches removed before the blocks, mean over 5 draws (Table 3)."""
+    result = {"0.0": evaluate(model, data, cfg)[1]}
+    for f in (0.1, 0.3, 0.5, 0.7, 0.9):
+        result[str(f)] = sum(evaluate(model, data, cfg, drop_patches=f)[1] for _ in range(draws)) / draws
+    return result
+
+
+@torch.no_grad()
+def save_attention_map(model, data, path, count=4):
+    """Fig. 5: test images above the last layer's class-token attention on the patch grid, mean over heads."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    model.eval()
+    images = data["test"][0][:count]
+    _, attention = model(normalize(images, data), return_attention=True)
+    maps = attention[-1][:, :, 0, 1:].float().mean(1).reshape(len(images), *model.grid)  # (count, n_h, n_w)
+    fig, axes = plt.subplots(2, len(images), figsize=(2 * len(images), 4.2), squeeze=False)
+    for i in range(len(images)):
+        axes[0, i].imshow(images[i].permute(1, 2, 0).cpu().numpy())
+        axes[1, i].imshow(maps[i].cpu().numpy(), cmap="viridis")
+    for ax in axes.flat:
+        ax.axis("off")
+    axes[1, 0].set_title("class-token attention, last layer", fontsize=8, loc="left")
+    atomic_save(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
+    plt.close(fig)
+
+
+def paper_evaluations(model, data, cfg):
+    """The paper's analyses of the model as trained, before any fine-tune: Table 4, Fig. 4, Table 3, Fig. 5."""
+    settings = {"mc": dict(mc_samples=cfg.mc_samples)} if cfg.mc_samples else {}
+    if cfg.align == "exact":
+        settings["exact"] = dict(align="exact")
+    results, seconds = {}, {}
+    for key, setting in ({"plain": {}, **settings} if settings else {}).items():  # accuracy and seconds
+        start = time.perf_counter()
+        with aligned(model, **setting):
+            results[f"test_acc_{key}"] = evaluate(model, data, cfg)[1]
+        seconds[key] = time.perf_counter() - start
+    results.pop("test_acc_plain", None)  # the epoch's test_acc already
+    results.update(eval_time_s=seconds, cls_attention_entropy=entropy_per_layer(model, data, cfg))
+    if cfg.occlusion:
+        results["occlusion"] = occlusion(model, data, cfg)
+    if cfg.attention_map:
+        save_attention_map(model, data, os.path.join(cfg.out, "attention.png"))
+    return results
+
+
+# ----------------------------------------------------------------------------- train
+
+def train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progress):
+    """One pass over the shuffled training split; returns the epoch's statistics and the next step."""
+    model.train()
+    images, labels = data["train"]
+    n, bs = len(images), cfg.batch_size
+    steps_per_epoch = math.ceil(n / bs)
+    order = torch.randperm(n, device=images.device, generator=generator)
+    loss_sum, correct = torch.zeros((), device=images.device), torch.zeros((), device=images.device)
+    start = time.perf_counter()
+    bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
+    for i in bar:
+        idx = order[i * bs:(i + 1) * bs]
+        x, y = normalize(augment(images[idx], generator), data), labels[idx]
+        lr = get_lr(step, cfg, steps_per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(x.device):
+            logits = model(x).float()                                       # (B, classes)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.argmax(1) == y).sum()
+        if progress:
+            seen = min(n, (i + 1) * bs)
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                            img_s=f"{seen / (time.perf_counter() - start):.0f}")
+    seconds = time.perf_counter() - start
+    return dict(lr=lr, train_loss=loss_sum.item() / n, train_acc=correct.item() / n,
+                images=n, time_s=seconds, images_per_s=n / seconds), step
+
+
+def atomic_save(path, write, binary=False):
+    """Write through path.tmp, then os.replace: neither a reader nor a crash ever sees a half-written file."""
+    with open(path + ".tmp", "wb" if binary else "w") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path):
+    """A checkpoint of this script, loaded with weights_only=True so that it cannot run code (issue 8)."""
+    if not os.path.exists(path):
+        raise DataError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"refused to load {path}: weights_only loading accepts only tensors, numbers, "
+                        f"strings, lists and dicts ({reason})") from None
+
+
+COLUMNS = [("epoch", 5, "d"), ("stage", 8, "s"), ("lr", 8, ".1e"), ("train_loss", 10, ".4f"),
+           ("train_acc", 9, ".4f"), ("test_loss", 9, ".4f"), ("test_acc", 8, ".4f"),
+           ("images_per_s", 12, ".0f"), ("time_s", 7, ".1f")]
+
+
+def write_metrics(cfg, history, results, model, device, done):
+    """metrics.json: the last epoch of each stage, the paper's evaluations, speed, config and versions."""
+    trained = [r for r in history if r["stage"] == "train"]
+    finetuned = [r for r in history if r["stage"] == "finetune"]
+    seconds = sum(r["time_s"] for r in history)
+    metrics = {k: trained[-1][k] for k in ("test_acc", "test_loss", "train_acc", "train_loss")}
+    if finetuned:
+        metrics["test_acc_finetuned"] = finetuned[-1]["test_acc"]
+    metrics.update(results, epochs_done=len(history), finished=done, train_time_s=seconds,
+                   images_per_s=sum(r["images"] for r in history) / seconds,
+                   params=sum(p.numel() for p in model.parameters()), layer_ratios=model.layer_ratios,
+                   config=vars(cfg), torch=torch.__version__,
+                   device=f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type)
+    atomic_save(os.path.join(cfg.out, "metrics.json"), lambda f: json.dump(metrics, f, indent=2))
+    return metrics
+
+
+def train(cfg, checkpoint, progress):
+    """Train, then fine-tune, from scratch or from `checkpoint`; every epoch rewrites the run's three files."""
+    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available()
+                          else "mps" if torch.backends.mps.is_available() else "cpu")
+    data = load_data(cfg, device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data["classes"]).to(device)
+    optimizer = build_optimizer(model, cfg)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and augmentation
+    start, step, history, results = 0, 0, [], {}
+    if checkpoint is not None:  # everything that decides what happens next, the RNG states included
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start, step, history, results, rng = (checkpoint[k] for k in ("epoch", "step", "history", "results", "rng"))
+        torch.set_rng_state(rng["cpu"])
+        generator.set_state(rng["data"])
+        if device.type in ("cuda", "mps"):
+            getattr(torch, device.type).set_rng_state(rng[device.type])
+    total = cfg.epochs + cfg.finetune_epochs
+    os.makedirs(cfg.out, exist_ok=True)
+    print(f"{cfg.dataset}: {len(data['train'][0])} train / {len(data['test'][0])} test images on {device}; "
+          f"{cfg.mode}, layer drop ratios {[round(r, 3) for r in model.layer_ratios]}; run folder {cfg.out}")
+    print(" ".join(f"{name:>{width}}" for name, width, _ in COLUMNS))
+    for epoch in range(start, total):
+        stage = "train" if epoch < cfg.epochs else "finetune"
+        for block in model.blocks:  # Align Expectation by fine-tuning without attention dropout (Sec. 3.2)
+            block.attn.mode = cfg.mode if stage == "train" else "none"
+        stats, step = train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progress)
+        test_loss, test_acc = evaluate(model, data, cfg)
+        history.append(dict(epoch=epoch + 1, stage=stage, **stats, test_loss=test_loss, test_acc=test_acc))
+        print(" ".join(f"{history[-1][name]:>{width}{fmt}}" for name, width, fmt in COLUMNS), flush=True)
+        if epoch + 1 == cfg.epochs:
+            results = paper_evaluations(model, data, cfg)
+        rng = {"cpu": torch.get_rng_state(), "data": generator.get_state()}  # uint8 tensors: weights_only loads them
+        if device.type in ("cuda", "mps"):
+            rng[device.type] = getattr(torch, device.type).get_rng_state()
+        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), config=vars(cfg),
+                     epoch=epoch + 1, step=step, history=history, results=results, rng=rng)
+        atomic_save(os.path.join(cfg.out, "checkpoint.pt"), lambda f: torch.save(state, f), binary=True)
+        atomic_save(os.path.join(cfg.out, "log.jsonl"), lambda f: f.writelines(json.dumps(r) + "\n" for r in history))
+        metrics = write_metrics(cfg, history, results, model, device, done=epoch + 1 == total)
+    if start < total:
+        print(json.dumps({k: round(v, 4) for k, v in metrics.items() if k.startswith("test_acc")}))
+
+
+# ----------------------------------------------------------------------------- main
+
+def number(kind, low, high=None, low_open=False):
+    """argparse type: a `kind` in [low, high), or (low, high) with low_open."""
+    def parse(text):
+        value = kind(text)
+        if value < low or (low_open and value == low) or (high is not None and value >= high):
+            need = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"{text} is out of range (need {need})")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line on stderr and exit code 2, without the usage block."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser():
+    p = Parser(prog="train_cifar.py", description=__doc__.split("\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add, count, positive = p.add_argument, number(int, 1), number(float, 0.0, low_open=True)
+    add("--dataset", default="cifar10", choices=("cifar10", "cifar100", "synthetic"), help="synthetic: offline")
+    add("--data-dir", default="data", help="holds the CIFAR tarball and folder; downloaded if missing")
+    add("--limit-train", type=count, default=None, help="use the first N training images (all if unset)")
+    add("--limit-test", type=count, default=None, help="use the first N test images (all if unset)")
+    add("--mode", default="dropkey", choices=dropkey.MODES, help="attention dropout (README, Modes)")
+    add("--drop-ratio", type=number(float, 0.0, 1.0), default=0.3, help="d; the paper's CIFAR setting")
+    add("--schedule", default="decreasing", choices=dropkey.SCHEDULES, help="ratio per layer (Table 1)")
+    add("--block-size", type=count, default=3, help="s of dropkey_block / dropkey_cross (Table 2)")
+    add("--patch-size", type=count, default=4, help="pixels per patch side; must divide 32")
+    add("--dim", type=count, default=192, help="token width")
+    add("--depth", type=count, default=6, help="transformer blocks")
+    add("--heads", type=count, default=3, help="attention heads; must divide --dim")
+    add("--mlp-ratio", type=positive, default=2.0, help="MLP hidden width / --dim")
+    add("--epochs", type=count, default=100, help="training epochs, before any fine-tune")
+    add("--batch-size", type=count, default=128, help="images per step (and per eval batch)")
+    add("--lr", type=positive, default=1e-3, help="peak learning rate of AdamW")
+    add("--weight-decay", type=number(float, 0.0), default=0.05, help="on >= 2-D tensors only")
+    add("--warmup-epochs", type=number(float, 0.0), default=10.0, help="linear warm-up, then cosine to 0")
+    add("--label-smoothing", type=number(float, 0.0, 1.0), default=0.1, help="of the training loss")
+    add("--seed", type=int, default=0, help="init, batch order, augmentation, masks, synthetic data")
+    add("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, mps, else cpu")
+    add("--finetune-epochs", type=number(int, 0), default=0,
+        help="then fine-tune without attention dropout (Align Expectation, Table 4)")
+    add("--finetune-lr", type=positive, default=1e-5, help="constant lr of the fine-tune (Sec. 4.1)")
+    add("--mc-samples", type=number(int, 0), default=0, help="T > 0: also test with Monte-Carlo alignment (Table 4)")
+    add("--align", default="none", choices=("none", "exact"), help="exact: also test with exact expected weights")
+    add("--occlusion", action="store_true", help="also test with 10-90%% of the patches removed (Table 3)")
+    add("--attention-map", action="store_true", help="write attention.png (Fig. 5)")
+    add("--out", default=None, help="run folder; unset: runs/<mode>-<timestamp>")
+    add("--resume", default=None, metavar="DIR", help="continue the run in DIR with its saved configuration")
+    add("--progress", default="auto", choices=("auto", "on", "off"), help="progress bar; auto: on a terminal")
+    add("--dry-run", action="store_true", help="check the configuration, build the model, exit")
+    return p
+
+
+RUNTIME_FLAGS = ("out", "resume", "progress", "dry_run")  # not saved as part of a run's configuration
+
+
+def resolve_config(args, parser):
+    """The run's configuration (a new Namespace; `args` stays as parsed) and the checkpoint to resume from."""
+    if args.resume is None:
+        out = args.out or os.path.join("runs", f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if os.path.exists(os.path.join(out, "checkpoint.pt")):
+            parser.error(f"{out} already holds a run; continue it with --resume {out}, or choose another --out")
+        return argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}, out=out), None
+    checkpoint = load_checkpoint(os.path.join(args.resume, "checkpoint.pt"))
+    saved = checkpoint["config"]
+    for key, value in vars(args).items():
+        if key not in RUNTIME_FLAGS and value != parser.get_default(key) and value != saved.get(key):
+            parser.error(f"--resume continues with the saved configuration; drop --{key.replace('_', '-')} "
+                         f"(saved: {saved.get(key)})")
+    return argparse.Namespace(**{**saved, "out": args.resume}), checkpoint
+
+
+def check_config(cfg, parser):
+    """Each configuration mistake as one error line, before any data is read; returns the model it built."""
+    if cfg.warmup_epochs > cfg.epochs:
+        parser.error(f"--warmup-epochs {cfg.warmup_epochs} is longer than --epochs {cfg.epochs}")
+    if cfg.mc_samples and cfg.mode == "none":
+        parser.error("--mc-samples needs a dropping --mode; 'none' drops nothing to average over")
+    if (cfg.device == "cuda" and not torch.cuda.is_available()) or (cfg.device == "mps" and not torch.backends.mps.is_available()):
+        parser.error(f"--device {cfg.device}, but this torch cannot use it")
+    try:
+        model = build_model(cfg, 100 if cfg.dataset == "cifar100" else 10).eval()
+    except ValueError as e:
+        parser.error(str(e))
+    if cfg.align == "exact" and not hasattr(model, "align"):
+        parser.error("--align exact needs ViT.align (issue 5), which this vit.py does not have")
+    for setting in (dict(mc_samples=min(cfg.mc_samples, 1)), dict(align=cfg.align)):
+        try:  # one forward pass finds what the model refuses, e.g. exact alignment of a structured mode
+            with torch.no_grad(), aligned(model, **setting):
+                model(torch.zeros(1, 3, 32, 32))
+        except ValueError as e:
+            parser.error(str(e))
+    return model
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = None
+    try:
+        cfg, checkpoint = resolve_config(args, parser)
+        model = check_config(cfg, parser)
+        if args.dry_run:
+            print(f"dry run: configuration is valid; {sum(p.numel() for p in model.parameters())} parameters, "
+                  f"layer drop ratios {[round(r, 3) for r in model.layer_ratios]}, run folder {cfg.out}")
+            return
+        train(cfg, checkpoint, progress=args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted" + (f"; continue with: python train_cifar.py --resume {cfg.out}" if cfg else ""))
+
+
+if __name__ == "__main__":
+    main()
