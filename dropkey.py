@@ -9,6 +9,8 @@ Li et al., "DropKey for Vision Transformer", CVPR 2023. This file holds:
   3. `attention` -- one attention op for every mode: plain, vanilla dropout
      on the weights, DropAttention (Eq. 1), DropKey (Eq. 12-14), and the
      Monte-Carlo "Align Expectation" at evaluation (Sec. 3.2, Table 4).
+  4. `expected_weights` -- the exact expectation c_j p_j of Eq. 3, i.e. the
+     Monte-Carlo average with infinitely many masks (`align="exact"`).
 
 Read top to bottom. `attention` has two paths that give the same numbers:
 an explicit one (logits, mask, softmax, @ v) that a debugger can step through,
@@ -220,7 +222,7 @@ def _use_fused(q, fused):
 
 
 def attention(q, k, v, mode="dropkey", drop_ratio=0.0, training=True, *, grid=None,
-              prefix_tokens=1, block_size=3, keep_mask=None, mc_samples=0, generator=None,
+              prefix_tokens=1, block_size=3, keep_mask=None, mc_samples=0, align=None, generator=None,
               return_weights=False, fused=None):
     """Scaled dot-product attention with the attention dropout of `mode`.
 
@@ -231,6 +233,12 @@ def attention(q, k, v, mode="dropkey", drop_ratio=0.0, training=True, *, grid=No
         a dropping mode: then the dropped, re-normalised weights are averaged
         over T independent masks and multiplied with v (Monte-Carlo Align
         Expectation, Table 4). That average runs without autograd.
+      align: None / "none", or "exact": at evaluation the weights become
+        their exact expectation `expected_weights(p, d)` (the limit T -> inf
+        of mc_samples, Eq. 3), without autograd. dropkey and dropattention
+        drop keys independently and share it; vanilla's is p (1 + d^N / (1 - d)),
+        p up to its all-dropped row; for dropkey_block / dropkey_cross it is
+        not defined (ValueError: use mc_samples).
       grid: (n_h, n_w) patch grid, required by dropkey_block / dropkey_cross;
         prefix_tokens: tokens before the grid (the class token);
         block_size: s, window size of the structured modes.
@@ -243,7 +251,7 @@ def attention(q, k, v, mode="dropkey", drop_ratio=0.0, training=True, *, grid=No
     Returns:
       out (B, H, N, D), or (out, weights (B, H, N, N)) with return_weights.
     """
-    _check_inputs(q, k, v, mode, drop_ratio, mc_samples)
+    _check_inputs(q, k, v, mode, drop_ratio, mc_samples, align)
     if keep_mask is not None and (mode == "none" or not training):
         raise ValueError("keep_mask is only used by a dropping mode in training")
     B, H, N, D = q.shape
@@ -252,6 +260,12 @@ def attention(q, k, v, mode="dropkey", drop_ratio=0.0, training=True, *, grid=No
     dropping = mode != "none" and (keep_mask is not None or (training and drop_ratio > 0))
     if not training and mode != "none" and mc_samples > 0:
         return _monte_carlo(q, k, v, mode, drop_ratio, mc_samples, sample, return_weights)
+    if not training and mode != "none" and align == "exact":
+        if mode in STRUCTURED_MODES:
+            raise ValueError(f"align='exact' is not defined for {mode}: its drops are not "
+                             f"independent; use mc_samples=T instead")
+        if drop_ratio > 0:
+            return _exact(q, k, v, mode, drop_ratio, return_weights)
     if dropping:
         keep = keep_mask if keep_mask is not None else sample_keep_mask((B, H, N, N), mode, drop_ratio, **sample)
         keep = fall_back(keep.expand(B, H, N, N))                      # (B, H, N, N)
@@ -283,6 +297,134 @@ def _monte_carlo(q, k, v, mode, drop_ratio, samples, sample, return_weights):
     return (out, weights) if return_weights else out
 
 
+# ----------------------------------------------------------------------------- exact expectation
+
+# Trapezoid step h in y and the size below which the rest of the integral is
+# dropped, per working precision (see `expected_weights`).
+QUADRATURE = {torch.float64: (0.5, 1e-9), torch.float32: (0.6, 1e-7)}
+_CHUNK = 2**19  # elements of one (rows, nodes, N) block: bounds memory, stays in cache
+LN2 = math.log(2)
+
+
+def _nodes(h, k0, k1, y_lo, device=None):
+    """Trapezoid nodes k0 .. k1-1 in y: t = exp(y - e^-y) and the weights h (dt/dy) / t."""
+    y = y_lo + h * torch.arange(k0, k1, dtype=torch.float64, device=device)
+    return torch.exp(y - torch.exp(-y)), h * (1 + torch.exp(-y))
+
+
+def _first_node(h, tol):
+    """First node y_lo, and `below`: the nodes under it summed in closed form.
+
+    Below y_lo the integrand (without its factor 1 - d) is p_j (1 - a_j t + ...)
+    with a_j <= 1, so the nodes there add p_j * sum(h dt/dy) = p_j * below,
+    with an error under p_j * sum(h t dt/dy) <= p_j * tol.
+    """
+    for y_lo in torch.arange(-1.0, -4.0, -0.05).tolist():
+        t, w = _nodes(h, -300, 0, y_lo)
+        if (w * t * t).sum() <= tol:
+            return y_lo, (w * t).sum().item()
+    raise AssertionError("no first node found")
+
+
+_FIRST = {dtype: _first_node(*QUADRATURE[dtype]) for dtype in QUADRATURE}
+
+
+@torch.no_grad()
+def expected_weights(weights, drop_ratio):
+    """Exact expectation of the DropKey weights of softmax rows `weights`: c_j p_j of Eq. 3.
+
+    With keys kept independently, k_i ~ Bernoulli(1 - d), DropKey (Eq. 14) and
+    DropAttention (Eq. 1) give w_j = k_j p_j / sum_i k_i p_i, and w = p when no
+    key with p_i > 0 is kept (`fall_back`). Write 1 / s = int_0^inf e^{-ts} dt;
+    the k_i are independent, so E[k_j e^{-t sum_i k_i p_i}] factorises and
+
+      E[w_j] = (1 - d) p_j int_0^inf e^{-t p_j} prod_{i != j} (d + (1 - d) e^{-t p_i}) dt + d^M p_j
+
+    exactly, M = #{i: p_i > 0}; c_j = E[w_j] / p_j (Eq. 3). Keys with p_j = 0
+    get 0 and do not count. This is the Monte-Carlo average of Table 4 in the
+    limit of infinitely many masks.
+
+    Quadrature. The product over all keys, P(t), is formed once per node and
+    the j-th factor divided out, so a node costs O(N) per row. With t =
+    exp(y - e^{-y}) (Takahashi-Mori) the integrand is analytic for |Im y| <
+    pi / 2, so the trapezoid rule in y with step h has error ~ exp(-pi^2 / h):
+    about 1e-7 at h = 0.5 (float64 input) and 3e-6 at h = 0.6 (other inputs,
+    which are integrated in float32 at half the cost). As t -> 0 the integrand
+    tends to (1 - d) p_j, so the nodes below y_lo are summed in closed form
+    (`_first_node`). Nodes stop per row once P(t) <= tol / (1 - d), which
+    bounds the rest of the integral by tol, or once t p_i >= 20 for every key.
+    A near-uniform row needs about 10 nodes; a peaked one more, growing with
+    log(max p / min p), as the integrand reaches out to t ~ 1 / min p.
+
+    Args: weights (..., N), rows of softmax weights (re-normalised here);
+      drop_ratio: d in [0, 1). Eval only: no gradient.
+    Returns: E[w] of the same shape and dtype as weights.
+    """
+    _check_ratio(drop_ratio)
+    d = float(drop_ratio)
+    if d == 0:
+        return weights.clone()                                        # nothing is dropped: E[w] = p
+    shape, N, device = weights.shape, weights.shape[-1], weights.device
+    work = torch.float64 if weights.dtype == torch.float64 else torch.float32
+    h, tol = QUADRATURE[work]
+    y_lo, below = _FIRST[work]
+    p = weights.reshape(-1, N).to(work)                               # (R, N), R rows
+    q = p / p.sum(-1, keepdim=True)                                   # (R, N)
+    # First block of nodes: where P(t) of a uniform row of 1 / sum(q^2) keys reaches tol.
+    n_eff = 1.0 / torch.linalg.vecdot(q, q).double()                  # (R,), N for a uniform row
+    level = torch.exp(math.log(tol / (1 - d)) / n_eff)                # the tol of one factor
+    t_end = -torch.log((level - d).clamp(min=0) / (1 - d)) * n_eff    # inf for a peaked row
+    first = ((t_end.log() - y_lo) / h + 1).nan_to_num(12, 12, 12).clamp(8, 12).ceil().int()
+    integral = torch.empty_like(q)                                    # (R, N)
+    d_t = torch.tensor(d, dtype=work, device=device)
+    rows = max(1, _CHUNK // (12 * N))
+    for a in range(0, q.shape[0], rows):
+        b = min(a + rows, q.shape[0])
+        idx, k0, k1 = None, 0, int(first[a:b].max())                  # idx: rows still integrating
+        while True:
+            t, w = _nodes(h, k0, k1, y_lo, device)                    # (K,) nodes of this block
+            dtype = work if t[-1] < 1e30 else torch.float64           # t p overflows float32 beyond
+            qb = (q[a:b] if idx is None else q[idx]).to(dtype)        # (r, N)
+            x = qb[:, None, :] * -(t / LN2).to(dtype)[None, :, None]  # (r, K, N): -t p_i / ln 2
+            if t[-1] * qb.max() > 80:
+                x.clamp_(min=-80 / LN2)                               # e^-80 counts as 0; no slow denormals
+            u = x.exp2()                                              # e^{-t p_i}; exp2 is 2x faster than exp
+            f = torch.add(d_t.to(dtype), u, alpha=1 - d)              # d + (1 - d) e^{-t p_i}
+            P = f.prod(-1)                                            # (r, K), product over all keys
+            u.mul_(x).div_(f)                                         # -t p_j e^{-t p_j} / (f_j ln 2)
+            part = torch.bmm((P * -LN2 * w.to(dtype))[:, None, :], u)  # (r, 1, N), sum over nodes
+            if idx is None:
+                integral[a:b] = part.squeeze(1)
+            else:
+                integral.index_add_(0, idx, part.squeeze(1).to(work))
+            more = P[:, -1] > tol / (1 - d)                           # what is left is <= (1 - d) P
+            if more.any():
+                q_min = torch.where(qb > 0, qb, math.inf).amin(-1)    # (r,)
+                more &= t[-1] * q_min < 20                            # all factors at d: left <= e^-20
+            if not more.any() or t[-1] > 1e300:
+                break
+            idx = (torch.arange(a, b, device=device) if idx is None else idx)[more]
+            k0, k1 = k1, k1 + 8
+    M = (q > 0).sum(-1, keepdim=True)                                 # (R, 1) keys that can be kept
+    out = integral.add_(q, alpha=below).mul_(1 - d)                   # the integral term of E[w_j]
+    out.addcmul_(p, d_t ** M)                                         # + d^M p_j: every key dropped
+    return out.to(weights.dtype).reshape(shape)
+
+
+@torch.no_grad()
+def _exact(q, k, v, mode, drop_ratio, return_weights):
+    """Exact Align Expectation: E[w] @ v, the limit of `_monte_carlo` as T -> infinity (Eq. 3)."""
+    B, H, N, D = q.shape
+    logits = (q @ k.transpose(-2, -1)) * D ** -0.5                     # (B, H, N, N)
+    p = logits.softmax(dim=-1)                                         # Eq. 2
+    if mode == "vanilla":  # E[k_j p_j / (1 - d)] = p_j, plus the all-dropped row's p_j / (1 - d)
+        weights = p * (1 + drop_ratio ** N / (1 - drop_ratio))
+    else:
+        weights = expected_weights(p, drop_ratio)                      # (B, H, N, N), c_j p_j
+    out = weights @ v                                                  # (B, H, N, D)
+    return (out, weights) if return_weights else out
+
+
 # ----------------------------------------------------------------------------- checks
 
 def _check_ratio(drop_ratio):
@@ -300,7 +442,7 @@ def _check_grid(grid, n_keys, prefix_tokens, block_size):
         raise ValueError(f"block_size must be between 1 and {min(grid)} for grid {tuple(grid)}, got {block_size}")
 
 
-def _check_inputs(q, k, v, mode, drop_ratio, mc_samples):
+def _check_inputs(q, k, v, mode, drop_ratio, mc_samples, align=None):
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     _check_ratio(drop_ratio)
@@ -309,6 +451,10 @@ def _check_inputs(q, k, v, mode, drop_ratio, mc_samples):
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not isinstance(mc_samples, int) or mc_samples < 0:
         raise ValueError(f"mc_samples must be a non-negative integer, got {mc_samples!r}")
+    if align not in (None, "none", "exact"):
+        raise ValueError(f"align must be None, 'none' or 'exact', got {align!r}")
+    if align == "exact" and mc_samples > 0:
+        raise ValueError("use either mc_samples or align='exact', not both")
 
 
 # ----------------------------------------------------------------------------- benchmark

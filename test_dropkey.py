@@ -347,6 +347,187 @@ def test_tiny_vit_overfits_one_batch_in_every_mode(mode):
 
 
 # ============================================================================ exact expectation
+# expected_weights against an independent reference: every one of the 2^N keep
+# masks, weighted by its probability (N <= 12), or 10^5 sampled masks (N = 65, 257).
+
+def _every_mask(p):
+    """Number of kept keys (2^N,) and weights w = k p / sum(k p), or p if no kept p_j > 0, (..., 2^N, N)."""
+    p = p.double()
+    N = p.shape[-1]
+    keep = ((torch.arange(2 ** N)[:, None] >> torch.arange(N)) & 1).bool()     # (2^N, N)
+    kp = p[..., None, :] * keep                                                  # (..., 2^N, N)
+    total = kp.sum(-1, keepdim=True)
+    return keep.sum(-1).double(), torch.where(total > 0, kp / total.clamp_min(1e-300), p[..., None, :])
+
+
+def _enumerated_expectation(p, d, masks=None):
+    """E[w] = sum over all 2^N keep masks of P(mask) w(mask), (..., N); masks: _every_mask(p), reused."""
+    kept, w = masks or _every_mask(p)
+    prob = (1 - d) ** kept * d ** (p.shape[-1] - kept)                          # (2^N,)
+    return (prob[:, None] * w).sum(-2)                                           # (..., N)
+
+
+def _softmax_rows(R, N, scale, seed, dtype):
+    """R rows of softmax(scale * randn) computed in dtype: scale 30 underflows some p to 0 in float32."""
+    logits = torch.randn(R, N, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+    return (logits.to(dtype)).softmax(-1)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-6), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("N", [1, 2, 5, 12])
+def test_expected_weights_matches_enumeration_of_all_masks(N, dtype, atol):
+    """Max abs error <= 1e-6 (float64) / 1e-5 (float32), flat to peaked rows, d up to 0.95."""
+    for i, scale in enumerate([0.01, 1.0, 3.0, 10.0, 30.0]):       # near-uniform ... p down to 1e-40 or 0
+        p = _softmax_rows(12, N, scale, seed=100 + i, dtype=dtype)
+        masks = _every_mask(p)
+        for d in [0.01, 0.1, 0.3, 0.5, 0.8, 0.95]:
+            got = dropkey.expected_weights(p, d)
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.double(), _enumerated_expectation(p, d, masks), atol=atol, rtol=0,
+                                       msg=lambda m: f"N={N} scale={scale} d={d}: {m}")
+
+
+def _sampled_expectation(p, d, n, seed):
+    """Mean of w = k p / sum(k p) (p when nothing is kept) over n sampled keep masks, (R, N)."""
+    g = torch.Generator().manual_seed(seed)
+    total = torch.zeros_like(p)
+    for _ in range(n // 10_000):
+        keep = torch.rand(10_000, *p.shape, generator=g, dtype=p.dtype) >= d       # (10^4, R, N)
+        kp = keep * p
+        s = kp.sum(-1, keepdim=True)
+        total += torch.where(s > 0, kp / s, p).sum(0)
+    return total / n
+
+
+@pytest.mark.parametrize("N,d", [(65, 0.3), (65, 0.8), (257, 0.5)])
+def test_expected_weights_matches_monte_carlo_within_4_sigma(N, d):
+    """10^5 masks, per element |E - mean| <= 4 sigma, sigma = sqrt(E (1 - E) / 10^5).
+
+    w_j lies in [0, 1], so var(w_j) <= E (1 - E). The sample variance is no
+    safe sigma here: a tiny p_j gets most of its weight from rare rows where
+    every larger key is dropped, which 10^5 samples under-represent.
+    """
+    p = torch.cat([_softmax_rows(1, N, scale, seed=200 + N, dtype=torch.float64) for scale in (0.5, 3.0)])
+    mean = _sampled_expectation(p, d, n=100_000, seed=N)
+    exact = dropkey.expected_weights(p, d)
+    sigma = (exact * (1 - exact) / 100_000).sqrt()
+    assert ((exact - mean).abs() <= 4 * sigma).all(), f"max z {((exact - mean).abs() / sigma).max():.1f}"
+    assert ((exact - p).abs() / sigma).max() > 20                    # and far from p itself
+    assert ((dropkey.expected_weights(p.float(), d).double() - mean).abs() <= 4 * sigma + 1e-5).all()
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-6), (torch.float32, 1e-5)])
+def test_expected_weights_rows_sum_to_one_also_with_zero_weights(dtype, atol):
+    """Sum_j c_j p_j = 1 (Eq. 3); keys with p_j = 0 get 0 and leave the fall-back at d^M, M = #{p > 0}."""
+    p = _softmax_rows(64, 65, 2.0, seed=3, dtype=dtype)
+    p[:, ::2] = 0.0                                                  # half the keys never take part
+    p = p / p.sum(-1, keepdim=True)
+    for d in [0.1, 0.5, 0.9]:
+        got = dropkey.expected_weights(p, d)
+        torch.testing.assert_close(got.sum(-1), torch.ones(64, dtype=dtype), atol=atol, rtol=0)
+        assert (got[:, ::2] == 0).all()
+    small = torch.tensor([[0.6, 0.0, 0.4, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(dropkey.expected_weights(small, 0.7), _enumerated_expectation(small, 0.7),
+                               atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("d", [0.1, 0.5, 0.9])
+def test_smoothing_coefficient_decreases_with_p(d):
+    """Eq. 4: c_s < c_t when p_s > p_t; and sum_j c_j p_j = 1 puts c of the largest p below 1."""
+    p = torch.linspace(0.0, 6.0, 12, dtype=torch.float64).softmax(-1)[None]   # p_j grows by e^0.55 per key
+    c = (dropkey.expected_weights(p, d) / p)[0]
+    assert (c.diff() < 0).all(), c
+    assert c[-1] < 1 < c[0]
+
+
+def test_expected_weights_is_p_at_d_zero_and_keeps_shape_dtype_and_no_grad():
+    p = _softmax_rows(6, 9, 1.0, seed=5, dtype=torch.float32).reshape(2, 3, 9).requires_grad_(True)
+    assert torch.equal(dropkey.expected_weights(p, 0.0), p)
+    got = dropkey.expected_weights(p, 0.3)                          # eval only: runs under no_grad
+    assert got.shape == p.shape and got.dtype == p.dtype and not got.requires_grad
+    torch.testing.assert_close(got.reshape(6, 9), dropkey.expected_weights(p.detach().reshape(6, 9), 0.3))
+    torch.testing.assert_close(dropkey.expected_weights(p, 1e-7), p.detach(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["dropkey", "dropattention"])
+def test_attention_align_exact_is_expected_weights_at_v(mode):
+    """Eval with align='exact': out = E[w] @ v with E[w] by enumeration, weights returned, no autograd."""
+    q, k, v = _qkv(B=2, H=2, N=6, D=4, seed=7, grad=True)
+    d = 0.4
+    out, w = dropkey.attention(q, k, v, mode, d, training=False, align="exact", return_weights=True)
+    p = torch.softmax(q @ k.transpose(-2, -1) / 2.0, dim=-1)
+    want_w = _enumerated_expectation(p.detach(), d)
+    torch.testing.assert_close(w.double(), want_w, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, (want_w.float() @ v).detach(), atol=1e-5, rtol=1e-5)
+    assert not out.requires_grad
+    plain = dropkey.attention(q, k, v, mode, d, training=False)
+    assert (out - plain).abs().max() > 1e-3                          # not plain attention
+    assert torch.equal(dropkey.attention(q, k, v, mode, 0.0, training=False, align="exact"),
+                       dropkey.attention(q, k, v, mode, 0.0, training=False))   # d = 0: nothing to align
+
+
+def test_attention_align_exact_vanilla_is_p_up_to_its_all_dropped_row():
+    """Vanilla: E[w_j] = p_j (1 - d) / (1 - d) + d^N p_j / (1 - d); plain attention at N = 65."""
+    q, k, v = _qkv(B=2, H=2, N=3, D=4, seed=8)
+    d = 0.8
+    _, w = dropkey.attention(q, k, v, "vanilla", d, training=False, align="exact", return_weights=True)
+    p = torch.softmax(q @ k.transpose(-2, -1) / 2.0, dim=-1).double()
+    want = torch.zeros_like(p)
+    for bits in range(8):                                            # the 2^3 masks, vanilla's rule
+        keep = torch.tensor([(bits >> j) & 1 for j in range(3)], dtype=torch.bool)
+        prob = (1 - d) ** keep.sum().item() * d ** (3 - keep.sum().item())
+        want += prob * (p * keep if keep.any() else p) / (1 - d)
+    torch.testing.assert_close(w.double(), want, atol=1e-6, rtol=1e-6)
+    q, k, v = _qkv(N=65, seed=9)
+    torch.testing.assert_close(dropkey.attention(q, k, v, "vanilla", 0.3, training=False, align="exact"),
+                               dropkey.attention(q, k, v, "vanilla", 0.3, training=False, fused=False))
+
+
+@pytest.mark.parametrize("mode", dropkey.STRUCTURED_MODES)
+def test_align_exact_is_an_error_for_structured_modes(mode):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="not independent.*mc_samples"):
+        dropkey.attention(q, k, v, mode, 0.3, training=False, align="exact", **STRUCTURED)
+    model = ViT(image_size=16, patch_size=4, dim=8, depth=1, heads=2, attn_drop_mode=mode, block_size=2).eval()
+    model.align = "exact"
+    with pytest.raises(ValueError, match="not independent"):
+        model(torch.randn(1, 3, 16, 16))
+
+
+def test_align_argument_checks_and_training_ignores_it():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="align must be"):
+        dropkey.attention(q, k, v, "dropkey", 0.3, training=False, align="mc")
+    with pytest.raises(ValueError, match="not both"):
+        dropkey.attention(q, k, v, "dropkey", 0.3, training=False, align="exact", mc_samples=4)
+    keep = dropkey.sample_keep_mask((4, 3, 17, 17), "dropkey", 0.3, generator=torch.Generator().manual_seed(10))
+    assert torch.equal(dropkey.attention(q, k, v, "dropkey", 0.3, keep_mask=keep, align="exact"),
+                       dropkey.attention(q, k, v, "dropkey", 0.3, keep_mask=keep))
+
+
+def test_vit_align_exact_uses_expected_weights_in_every_layer():
+    """model.align = 'exact' at eval equals the forward written by hand with enumerated E[w] (N = 5)."""
+    torch.manual_seed(11)
+    model = ViT(image_size=8, patch_size=4, dim=8, depth=2, heads=2, drop_ratio=0.5, schedule="constant").eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert model.align == "none"
+    plain = model(x)
+    model.align = "exact"
+    got = model(x)
+    with torch.no_grad():
+        h = model.patch_embed(x).flatten(2).transpose(1, 2) + model.pos_embed[:, 1:]        # (2, 4, 8)
+        h = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(2, -1, -1), h], dim=1)
+        for block in model.blocks:
+            qkv = block.attn.qkv(block.norm1(h)).reshape(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+            p = torch.softmax(qkv[0] @ qkv[1].transpose(-2, -1) / 2.0, dim=-1)           # (2, 2, 5, 5)
+            o = (_enumerated_expectation(p, 0.5).float() @ qkv[2]).transpose(1, 2).reshape(2, 5, 8)
+            h = h + block.attn.proj(o)
+            h = h + block.mlp(block.norm2(h))
+        want = model.head(model.norm(h[:, 0]))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - plain).abs().max() > 1e-4
+    model.train()
+    assert model.align == "exact" and model(x).shape == (2, 10)       # training ignores it
 
 # ============================================================================ trainer: train_cifar.py
 import argparse
@@ -710,6 +891,8 @@ def test_align_exact_reports_test_acc_exact(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert 0.0 <= metrics["test_acc_exact"] <= 1.0 and "exact" in metrics["eval_time_s"]
 
+
+# ============================================================================ course companion: README
 
 # ============================================================================ notebook: theory.ipynb
 

@@ -451,6 +451,9 @@ def train(cfg, checkpoint, progress):
         if device.type in ("cuda", "mps"):
             getattr(torch, device.type).set_rng_state(rng[device.type])
     total = cfg.epochs + cfg.finetune_epochs
+    if start == total:
+        print(f"{cfg.out} has finished all {total} epochs; nothing to do")
+        return
     os.makedirs(cfg.out, exist_ok=True)
     print(f"{cfg.dataset}: {len(data['train'][0])} train / {len(data['test'][0])} test images on {device}; "
           f"{cfg.mode}, layer drop ratios {[round(r, 3) for r in model.layer_ratios]}; run folder {cfg.out}")
@@ -473,8 +476,7 @@ def train(cfg, checkpoint, progress):
         atomic_save(os.path.join(cfg.out, "checkpoint.pt"), lambda f: torch.save(state, f), binary=True)
         atomic_save(os.path.join(cfg.out, "log.jsonl"), lambda f: f.writelines(json.dumps(r) + "\n" for r in history))
         metrics = write_metrics(cfg, history, results, model, device, done=epoch + 1 == total)
-    if start < total:
-        print(json.dumps({k: round(v, 4) for k, v in metrics.items() if k.startswith("test_acc")}))
+    print(json.dumps({k: round(v, 4) for k, v in metrics.items() if k.startswith("test_acc")}))
 
 
 # ----------------------------------------------------------------------------- main
@@ -567,11 +569,11 @@ def check_config(cfg, parser):
         model = build_model(cfg, 100 if cfg.dataset == "cifar100" else 10).eval()
     except ValueError as e:
         parser.error(str(e))
-    if cfg.align == "exact" and not hasattr(model, "align"):
-        parser.error("--align exact needs ViT.align (issue 5), which this vit.py does not have")
-    for setting in (dict(mc_samples=min(cfg.mc_samples, 1)), dict(align=cfg.align)):
+    if cfg.align == "exact":
+        if not hasattr(model, "align"):
+            parser.error("--align exact needs ViT.align (issue 5), which this vit.py does not have")
         try:  # one forward pass finds what the model refuses, e.g. exact alignment of a structured mode
-            with torch.no_grad(), aligned(model, **setting):
+            with torch.no_grad(), aligned(model, align="exact"):
                 model(torch.zeros(1, 3, 32, 32))
         except ValueError as e:
             parser.error(str(e))
@@ -593,7 +595,8 @@ def main(argv=None):
     except DataError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit("interrupted" + (f"; continue with: python train_cifar.py --resume {cfg.out}" if cfg else ""))
+        resumable = cfg is not None and os.path.exists(os.path.join(cfg.out, "checkpoint.pt"))
+        sys.exit("interrupted" + (f"; continue with: python train_cifar.py --resume {cfg.out}" if resumable else ""))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Evaluation extras used by the paper's experiments:
   model(x, return_attention=True)  -> logits and every layer's weights (Fig. 4, 5)
   model(x, drop_patches=0.5)       -> half the patch tokens removed (Table 3)
   model.mc_samples = T             -> Monte-Carlo Align Expectation in eval (Table 4)
+  model.align = "exact"            -> its T -> infinity limit in closed form (dropkey.expected_weights)
 """
 import torch
 import torch.nn as nn
@@ -26,14 +27,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, return_weights=False, mc_samples=0):
+    def forward(self, x, return_weights=False, mc_samples=0, align="none"):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads)   # (B, N, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                              # 3 x (B, H, N, D)
         grid = self.grid if N == 1 + self.grid[0] * self.grid[1] else None  # None once patches are removed
         result = dropkey.attention(q, k, v, self.mode, self.drop_ratio, self.training,
                                    grid=grid, prefix_tokens=1, block_size=self.block_size,
-                                   mc_samples=mc_samples, return_weights=return_weights)
+                                   mc_samples=mc_samples, align=align, return_weights=return_weights)
         out, weights = result if return_weights else (result, None)
         out = out.transpose(1, 2).reshape(B, N, C)                        # (B, N, C)
         return self.proj(out), weights
@@ -50,8 +51,8 @@ class Block(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x, return_weights=False, mc_samples=0):
-        attn_out, weights = self.attn(self.norm1(x), return_weights, mc_samples)
+    def forward(self, x, return_weights=False, mc_samples=0, align="none"):
+        attn_out, weights = self.attn(self.norm1(x), return_weights, mc_samples, align)
         x = x + attn_out                                                  # (B, N, C)
         x = x + self.mlp(self.norm2(x))                                   # (B, N, C)
         return x, weights
@@ -82,6 +83,7 @@ class ViT(nn.Module):
             raise ValueError(f"block_size must be between 1 and {side} for a {side}x{side} patch grid, got {block_size}")
         self.layer_ratios = dropkey.layer_drop_ratios(drop_ratio, depth, schedule)
         self.mc_samples = 0  # > 0: Monte-Carlo Align Expectation at evaluation (Table 4)
+        self.align = "none"  # "exact": the exact expectation at evaluation (dropkey.expected_weights)
 
         self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -104,7 +106,7 @@ class ViT(nn.Module):
         x = torch.cat([cls, x], dim=1)                                    # (B, N, C)
         attention = []
         for block in self.blocks:
-            x, weights = block(x, return_attention, self.mc_samples)
+            x, weights = block(x, return_attention, self.mc_samples, self.align)
             attention.append(weights)
         logits = self.head(self.norm(x[:, 0]))                            # (B, num_classes)
         return (logits, attention) if return_attention else logits
