@@ -572,8 +572,10 @@ class _Py2Pickler(pickle._Pickler):
 
     def save_py2_str(self, obj):
         obj = obj.encode("latin1") if isinstance(obj, str) else obj
-        header = pickle.SHORT_BINSTRING + bytes([len(obj)]) if len(obj) < 256 else pickle.BINSTRING + struct.pack("<i", len(obj))
-        self.write(header + obj)
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
         self.memoize(obj)
     dispatch[bytes] = dispatch[str] = save_py2_str
 
@@ -630,14 +632,14 @@ def _tarball(tmp_path, name):
     return data_dir, tarball, written
 
 
-def test_py2_test_pickles_have_the_layout_of_the_official_files():
+def test_trainer_py2_test_pickles_have_the_layout_of_the_official_files():
     raw = _py2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2]})
     assert raw.startswith(b"\x80\x02}") and b"cnumpy.core.multiarray\n_reconstruct\n" in raw
     assert b"_codecs" not in raw and b"X\x04\x00\x00\x00data" not in raw   # no Python 3 bytes or str
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-def test_cifar_loader_reads_the_official_pickle_format(tmp_path, name):
+def test_trainer_cifar_loader_reads_the_official_pickle_format(tmp_path, name):
     written = _write_cifar(tmp_path, name)
     spec = train_cifar.CIFAR[name]
     data = train_cifar.load_data(_cfg(name, tmp_path), torch.device("cpu"))
@@ -651,7 +653,7 @@ def test_cifar_loader_reads_the_official_pickle_format(tmp_path, name):
     torch.testing.assert_close(data["mean"].flatten(), torch.tensor(spec["mean"]), rtol=0, atol=0)
 
 
-def test_tarball_with_the_expected_md5_is_extracted_and_loaded(tmp_path, monkeypatch):
+def test_trainer_tarball_with_the_expected_md5_is_extracted_and_loaded(tmp_path, monkeypatch):
     data_dir, tarball, written = _tarball(tmp_path, "cifar10")
     monkeypatch.setitem(train_cifar.CIFAR["cifar10"], "md5", hashlib.md5(tarball.read_bytes()).hexdigest())
     data = train_cifar.load_data(_cfg("cifar10", data_dir), torch.device("cpu"))
@@ -659,14 +661,14 @@ def test_tarball_with_the_expected_md5_is_extracted_and_loaded(tmp_path, monkeyp
     assert sorted(os.listdir(data_dir)) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]  # no temp folder
 
 
-def test_wrong_md5_renames_the_tarball_and_extracts_nothing(tmp_path):
+def test_trainer_wrong_md5_renames_the_tarball_and_extracts_nothing(tmp_path):
     data_dir, tarball, _ = _tarball(tmp_path, "cifar10")                # not the official md5
     with pytest.raises(train_cifar.DataError, match="md5 .* expected c58f30108f718f92721af3b95e74349a"):
         train_cifar.load_data(_cfg("cifar10", data_dir), torch.device("cpu"))
     assert os.listdir(data_dir) == ["cifar-10-python.tar.gz.bad"]       # never trusted again
 
 
-def test_tarball_without_the_folder_leaves_nothing_half_extracted(tmp_path, monkeypatch):
+def test_trainer_tarball_without_the_folder_leaves_nothing_half_extracted(tmp_path, monkeypatch):
     data_dir, tarball, _ = _tarball(tmp_path, "cifar100")               # a CIFAR-100 tarball ...
     os.replace(tarball, data_dir / "cifar-10-python.tar.gz")            # ... under the CIFAR-10 name
     md5 = hashlib.md5((data_dir / "cifar-10-python.tar.gz").read_bytes()).hexdigest()
@@ -676,14 +678,14 @@ def test_tarball_without_the_folder_leaves_nothing_half_extracted(tmp_path, monk
     assert os.listdir(data_dir) == ["cifar-10-python.tar.gz"]
 
 
-def test_failed_download_is_one_clear_error_and_leaves_no_part_file(tmp_path, monkeypatch):
+def test_trainer_failed_download_is_one_clear_error_and_leaves_no_part_file(tmp_path, monkeypatch):
     monkeypatch.setitem(train_cifar.CIFAR["cifar10"], "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     with pytest.raises(train_cifar.DataError, match="could not download .* or try --dataset synthetic"):
         train_cifar.load_data(_cfg("cifar10", tmp_path / "data"), torch.device("cpu"))
     assert os.listdir(tmp_path / "data") == []
 
 
-def test_corrupt_batch_file_exits_with_one_error_line(tmp_path):
+def test_trainer_corrupt_batch_file_exits_with_one_error_line(tmp_path):
     _write_cifar(tmp_path, "cifar10")
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     batch.write_bytes(batch.read_bytes()[:5000])                        # a truncated copy
@@ -709,11 +711,12 @@ def _payloads(target):
 
 
 @pytest.mark.parametrize("call", ["builtins.open", "os.system"])
-def test_hostile_batch_file_is_refused_before_it_runs(tmp_path, call):
+def test_trainer_hostile_batch_file_is_refused_before_it_runs(tmp_path, call):
     target, batch = tmp_path / "pwned", tmp_path / "data_batch_1"
     batch.write_bytes(_py2_pickle({b"data": _Payload(*_payloads(target)[call]), b"labels": []}))
     name = call.split(".")[1]                                            # pickled as __builtin__.open, posix.system
-    with pytest.raises(train_cifar.DataError, match=rf"{re.escape(str(batch))} is not a valid .*refused \S*\.{name}:"):
+    refused = rf"{re.escape(str(batch))} is not a valid .*refused \S*\.{name}:"
+    with pytest.raises(train_cifar.DataError, match=refused):
         train_cifar.read_batch(str(batch), train_cifar.CIFAR["cifar10"])
     assert not target.exists()
     loaded = pickle.loads(batch.read_bytes(), encoding="latin1")        # the payload is live: a plain load runs it
@@ -722,7 +725,7 @@ def test_hostile_batch_file_is_refused_before_it_runs(tmp_path, call):
     assert target.exists()
 
 
-def test_hostile_checkpoint_is_refused_before_it_runs(tmp_path, capsys):
+def test_trainer_hostile_checkpoint_is_refused_before_it_runs(tmp_path, capsys):
     target, run = tmp_path / "pwned", tmp_path / "run"
     run.mkdir()
     torch.save({"model": _Payload(*_payloads(target)["os.system"])}, run / "checkpoint.pt")
@@ -733,10 +736,10 @@ def test_hostile_checkpoint_is_refused_before_it_runs(tmp_path, capsys):
     assert target.exists()
 
 
-def test_synthetic_needs_spatial_structure_not_the_mean_colour():
+def test_trainer_synthetic_needs_spatial_structure_not_the_mean_colour():
     """Least squares on the mean colour stays at chance (10% + 4 sigma = 12.7% on 2000 test images);
     the same fit on the power spectrum, which sees the texture, is far above it."""
-    (x_train, y_train), (x_test, y_test) = (train_cifar.synthetic(n, 0, split) for n, split in ((3000, "train"), (2000, "test")))
+    (x_train, y_train), (x_test, y_test) = train_cifar.synthetic(3000, 0, "train"), train_cifar.synthetic(2000, 0, "test")
 
     def accuracy(feature):
         a, b = feature(x_train), feature(x_test)
@@ -750,15 +753,16 @@ def test_synthetic_needs_spatial_structure_not_the_mean_colour():
     assert accuracy(lambda x: torch.fft.rfft2(gray(x)).abs().pow(2).flatten(1)) > 0.25
 
 
-def test_synthetic_first_images_do_not_depend_on_n_and_follow_the_seed():
+def test_trainer_synthetic_first_images_do_not_depend_on_n_and_follow_the_seed():
     images, labels = train_cifar.synthetic(1500, seed=3)
     assert torch.equal(train_cifar.synthetic(700, seed=3)[0], images[:700])
     assert not torch.equal(train_cifar.synthetic(700, seed=4)[0], images[:700])
     assert not torch.equal(train_cifar.synthetic(700, seed=3, split="test")[0], images[:700])
-    assert images.dtype == torch.uint8 and images.shape == (1500, 3, 32, 32) and set(labels.tolist()) == set(range(10))
+    assert images.dtype == torch.uint8 and images.shape == (1500, 3, 32, 32)
+    assert set(labels.tolist()) == set(range(10))
 
 
-def test_augment_is_a_crop_of_the_padded_image_possibly_flipped():
+def test_trainer_augment_is_a_crop_of_the_padded_image_possibly_flipped():
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     out = train_cifar.augment(images, torch.Generator().manual_seed(0))
     padded = F.pad(images, (4, 4, 4, 4))
@@ -772,14 +776,14 @@ def test_augment_is_a_crop_of_the_padded_image_possibly_flipped():
     assert 16 <= flips <= 48                                             # Binomial(64, 0.5): mean 32, 4 sigma = 16
 
 
-def test_lr_schedule_warms_up_decays_to_zero_then_stays_at_the_finetune_lr():
+def test_trainer_lr_schedule_warms_up_decays_to_zero_then_stays_at_the_finetune_lr():
     cfg = argparse.Namespace(lr=1e-3, warmup_epochs=1, epochs=4, finetune_lr=1e-5)
     lrs = [train_cifar.get_lr(step, cfg, steps_per_epoch=10) for step in range(50)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)
     assert lrs[25] == pytest.approx(0.5e-3) and 0 < lrs[39] < 1e-5 and lrs[40:] == [1e-5] * 10
 
 
-def test_weight_decay_only_on_tensors_with_two_or_more_dims():
+def test_trainer_weight_decay_only_on_tensors_with_two_or_more_dims():
     model = ViT(dim=32, depth=2, heads=2, patch_size=8)
     cfg = argparse.Namespace(weight_decay=0.05, lr=1e-3)
     decayed, plain = train_cifar.build_optimizer(model, cfg).param_groups
@@ -788,7 +792,7 @@ def test_weight_decay_only_on_tensors_with_two_or_more_dims():
     assert {id(p) for p in plain["params"]} == {id(p) for p in model.parameters() if p.dim() < 2}
 
 
-def test_cli_run_on_synthetic_writes_every_metric(tmp_path):
+def test_trainer_cli_run_on_synthetic_writes_every_metric(tmp_path):
     out = tmp_path / "run"
     run = subprocess.run([sys.executable, "train_cifar.py", *TINY, *TWO_STAGES, "--occlusion", "--attention-map",
                           "--out", str(out)], cwd=HERE, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
@@ -800,7 +804,8 @@ def test_cli_run_on_synthetic_writes_every_metric(tmp_path):
     assert len(entropy) == 2 and all(0.0 < e <= math.log(17) + 1e-6 for e in entropy)
     assert list(metrics["occlusion"]) == ["0.0", "0.1", "0.3", "0.5", "0.7", "0.9"]
     assert metrics["images_per_s"] > 0 and metrics["train_time_s"] > 0 and metrics["finished"]
-    assert metrics["config"]["dim"] == 32 and metrics["config"]["mode"] == "dropkey" and metrics["torch"] == torch.__version__
+    assert metrics["config"]["dim"] == 32 and metrics["config"]["mode"] == "dropkey"
+    assert metrics["torch"] == torch.__version__ and metrics["device"] == "cpu"
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["stage"]) for r in rows] == [(1, "train"), (2, "train"), (3, "finetune")]
     assert rows[2]["lr"] == 1e-5 and rows[1]["test_acc"] == metrics["test_acc"]
@@ -824,11 +829,11 @@ def _without_timing(run):
         del metrics[key]
     del metrics["config"]["out"]
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    return metrics, [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s")} for r in rows]
+    return metrics, [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s", "eval_s")} for r in rows]
 
 
 @pytest.mark.parametrize("stop_at", [1, 2])  # in the second training epoch, in the fine-tune epoch
-def test_resume_ends_bit_identical_to_an_uninterrupted_run(uninterrupted_run, tmp_path, monkeypatch, stop_at):
+def test_trainer_resume_ends_bit_identical_to_an_uninterrupted_run(uninterrupted_run, tmp_path, monkeypatch, stop_at):
     out, real = tmp_path / "run", train_cifar.train_one_epoch
 
     def interrupted(model, optimizer, data, cfg, epoch, *rest):
@@ -851,7 +856,7 @@ def test_resume_ends_bit_identical_to_an_uninterrupted_run(uninterrupted_run, tm
         assert all(torch.equal(resumed["optimizer"]["state"][index][k], v) for k, v in state.items())
 
 
-def test_resume_refuses_a_changed_flag(uninterrupted_run, capsys):
+def test_trainer_resume_refuses_a_changed_flag(uninterrupted_run, capsys):
     with pytest.raises(SystemExit):
         train_cifar.main(["--resume", str(uninterrupted_run), "--lr", "0.5"])
     assert "drop --lr (saved: 0.001)" in capsys.readouterr().err
@@ -860,7 +865,7 @@ def test_resume_refuses_a_changed_flag(uninterrupted_run, capsys):
 @pytest.mark.parametrize("flags", [["--drop-ratio", "1.5"], ["--mode", "dropout"], ["--epochs", "0"],
                                    ["--dim", "30", "--heads", "4"], ["--epochs", "2", "--warmup-epochs", "5"],
                                    ["--mode", "dropkey_block", "--block-size", "9"], ["--limit-train", "x"]])
-def test_bad_flag_value_is_one_error_line(flags, tmp_path, monkeypatch, capsys):
+def test_trainer_bad_flag_value_is_one_error_line(flags, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stop:
         train_cifar.main(["--dry-run", *flags])
@@ -869,7 +874,7 @@ def test_bad_flag_value_is_one_error_line(flags, tmp_path, monkeypatch, capsys):
     assert os.listdir(tmp_path) == []
 
 
-def test_dry_run_validates_without_data_or_files(tmp_path, monkeypatch, capsys):
+def test_trainer_dry_run_validates_without_data_or_files(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     train_cifar.main(["--dry-run", "--dataset", "cifar100", "--mode", "dropkey_cross", "--block-size", "1"])
     assert capsys.readouterr().out.startswith("dry run: configuration is valid;")
@@ -877,14 +882,14 @@ def test_dry_run_validates_without_data_or_files(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.skipif(hasattr(ViT(), "align"), reason="vit.py has ViT.align")
-def test_align_exact_without_vit_support_is_a_clear_error(capsys):
+def test_trainer_align_exact_without_vit_support_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         train_cifar.main(["--dry-run", "--align", "exact"])
     assert "needs ViT.align" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not hasattr(ViT(), "align"), reason="vit.py has no ViT.align yet (issue 5)")
-def test_align_exact_reports_test_acc_exact(tmp_path):
+def test_trainer_align_exact_reports_test_acc_exact(tmp_path):
     with _one_thread():
         train_cifar.main(TINY + ["--epochs", "1", "--warmup-epochs", "0", "--align", "exact",
                                  "--out", str(tmp_path / "run")])
