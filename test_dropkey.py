@@ -881,14 +881,6 @@ def test_trainer_dry_run_validates_without_data_or_files(tmp_path, monkeypatch, 
     assert os.listdir(tmp_path) == []                                    # no download, no run folder
 
 
-@pytest.mark.skipif(hasattr(ViT(), "align"), reason="vit.py has ViT.align")
-def test_trainer_align_exact_without_vit_support_is_a_clear_error(capsys):
-    with pytest.raises(SystemExit):
-        train_cifar.main(["--dry-run", "--align", "exact"])
-    assert "needs ViT.align" in capsys.readouterr().err
-
-
-@pytest.mark.skipif(not hasattr(ViT(), "align"), reason="vit.py has no ViT.align yet (issue 5)")
 def test_trainer_align_exact_reports_test_acc_exact(tmp_path):
     with _one_thread():
         train_cifar.main(TINY + ["--epochs", "1", "--warmup-epochs", "0", "--align", "exact",
@@ -898,6 +890,118 @@ def test_trainer_align_exact_reports_test_acc_exact(tmp_path):
 
 
 # ============================================================================ course companion: README
+import itertools
+import pathlib
+import shlex
+
+README = pathlib.Path(__file__).resolve().parent / "README.md"
+SHELL_STOPS = {";", "&&", "||", "|", "&", ">", ">>", "<"}  # a command ends at the first of these
+
+
+def _readme_train_commands(text):
+    """Every `python train_cifar.py` command of a README as (source line, argv), shell variables expanded.
+
+    Reads fenced code blocks, in order, then inline code spans, as one shell
+    session: backslash continuations are joined, `NAME="..."` sets a variable,
+    `for NAME in a b; do` gives NAME each of its values, and a command that
+    uses $NAME is expanded once per value (every combination for several).
+    An unknown variable is left as $NAME, for the caller to reject.
+    """
+    commands, shell = [], {}                                             # shell: name -> list of values
+    fenced = re.findall(r"^```[^\n]*\n(.*?)^```", text, re.S | re.M)
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    inline = re.findall(r"`(python train_cifar\.py[^`]*)`", prose)
+    for block in fenced + inline:
+        for line in block.replace("\\\n", " ").splitlines():
+            assignment = re.match(r"\s*(?:export\s+)?(\w+)=(.*)", line)
+            if assignment:
+                shell[assignment[1]] = [" ".join(shlex.split(assignment[2], comments=True))]
+            for name, values in re.findall(r"\bfor (\w+) in ([^;]+);\s*do\b", line):
+                shell[name] = values.split()
+            for rest in re.findall(r"python train_cifar\.py(.*)", line):
+                used = sorted(set(re.findall(r"\$\{?(\w+)\}?", rest)))
+                for values in itertools.product(*(shell.get(name, ["$" + name]) for name in used)):
+                    env = dict(zip(used, values))
+                    expanded = re.sub(r"\$\{?(\w+)\}?", lambda m: env[m[1]], rest)
+                    lexer = shlex.shlex(expanded, posix=True, punctuation_chars=";&|<>")
+                    lexer.whitespace_split, lexer.commenters = True, "#"
+                    commands.append((line.strip(), list(itertools.takewhile(lambda w: w not in SHELL_STOPS, lexer))))
+    return commands
+
+
+def test_readme_command_extraction_expands_variables_loops_and_continuations():
+    text = ('```bash\nX="--epochs 2 --seed 1"  # two words\nfor m in a b; do for s in 1 2; do\n'
+            '  python train_cifar.py --mode $m \\\n    --block-size ${s} $X # note\ndone; done\n```\n'
+            'See `python train_cifar.py --help`; `python train_cifar.py --out $Y && ls`.\n')
+    argvs = [argv for _, argv in _readme_train_commands(text)]
+    assert argvs == [["--mode", m, "--block-size", s, "--epochs", "2", "--seed", "1"]
+                     for m in "ab" for s in "12"] + [["--help"], ["--out", "$Y"]]
+
+
+def test_every_readme_train_command_passes_dry_run(tmp_path, monkeypatch, capsys):
+    """Each README command goes through the parser and `--dry-run` (flags, model, alignment), in-process.
+
+    `--out` and `--device cpu` are appended (argparse keeps the last value), so
+    a command passes on a CPU-only machine and where its run folder exists.
+    A `--resume` command needs its run, so it only goes through the parser.
+    """
+    commands = _readme_train_commands(README.read_text())
+    assert len({line for line, _ in commands}) >= 10, "too few README commands found: is the extractor broken?"
+    monkeypatch.chdir(tmp_path)                                          # `data/` or `runs/` would land here
+    failures = []
+    for line, argv in commands:
+        if any("$" in word for word in argv):
+            failures.append(f"{line}\n  a shell variable the README never sets: {argv}")
+            continue
+        try:
+            args = train_cifar.build_parser().parse_args(argv)
+            if args.resume is None:
+                train_cifar.main(argv + ["--dry-run", "--out", str(tmp_path / "run"), "--device", "cpu"])
+                if not capsys.readouterr().out.startswith("dry run: configuration is valid"):
+                    failures.append(f"{line}\n  no 'dry run: configuration is valid'")
+        except SystemExit as stop:
+            if stop.code != 0 or not {"-h", "--help"} & set(argv):       # --help exits 0 by design
+                failures.append(f"{line}\n  {capsys.readouterr().err.strip() or stop}")
+    assert not failures, "README commands that train_cifar.py rejects:\n" + "\n".join(failures)
+    assert os.listdir(tmp_path) == []                                    # a dry run reads and writes nothing
+
+
+def test_readme_exercise_snippets_run_and_print_what_the_readme_says(tmp_path, monkeypatch, capsys):
+    """Every `<!-- exercise-snippet -->` Python block of the README runs; key printed values are checked.
+
+    The training snippet's train_cifar.main gets TINY and one epoch appended,
+    which override its own flags: a few seconds instead of a minute.
+    """
+    snippets = re.findall(r"<!-- exercise-snippet -->\n```python\n(.*?)```", README.read_text(), re.S)
+    assert len(snippets) >= 6
+    attention, main, sample = dropkey.attention, train_cifar.main, dropkey.sample_keep_mask
+    monkeypatch.setattr(dropkey, "attention", attention)                 # restored even if a snippet fails
+    shapes, patched = [], []
+
+    def recording_sample(shape, *args, **kwargs):
+        shapes.append(tuple(shape))
+        return sample(shape, *args, **kwargs)
+
+    def tiny_main(argv):
+        patched.append(dropkey.attention is not attention)               # the snippet's wrapper is in place
+        main(argv + TINY + ["--epochs", "1", "--out", str(tmp_path / "run")])
+
+    monkeypatch.setattr(dropkey, "sample_keep_mask", recording_sample)
+    monkeypatch.setattr(train_cifar, "main", tiny_main)
+    with _one_thread():
+        for i, code in enumerate(snippets):
+            exec(compile(code, f"README exercise snippet {i + 1}", "exec"), {"__name__": "__main__"})
+    out = capsys.readouterr().out
+    assert "dropkey == dropattention: True" in out                      # Exercise 1
+    for how in ("enumeration", "expected_weights"):                     # Exercise 2, the values worked by hand
+        c = re.search(rf"c by {how}: +tensor\(\[([^\]]*)\]", out)[1]          # printed precision may vary
+        assert [round(float(x), 3) for x in c.split(",")] == [0.776, 1.118, 1.991], how
+    per_query, column = (float(x) for x in re.findall(r"of the mean over queries (\S+)", out))
+    assert column > 1.5 * per_query                                      # Exercise 8: "about twice as much"
+    assert patched == [True] and dropkey.attention is attention          # trained with the wrapper, then undone
+    assert any(len(s) == 4 and s[2] == 1 for s in shapes)                # column masks (B, H, 1, N) were drawn
+    assert (tmp_path / "run" / "metrics.json").exists()
+
 
 # ============================================================================ notebook: theory.ipynb
 
