@@ -997,7 +997,7 @@ def test_readme_exercise_snippets_run_and_print_what_the_readme_says(tmp_path, m
         c = re.search(rf"c by {how}: +tensor\(\[([^\]]*)\]", out)[1]          # printed precision may vary
         assert [round(float(x), 3) for x in c.split(",")] == [0.776, 1.118, 1.991], how
     per_query, column = (float(x) for x in re.findall(r"of the mean over queries (\S+)", out))
-    assert column > 1.5 * per_query                                      # Exercise 8: "about twice as much"
+    assert column > 1.5 * per_query      # Exercise 8, "about twice": 2.2 measured; stds of 5000 masks are good to ~1 %
     assert patched == [True] and dropkey.attention is attention          # trained with the wrapper, then undone
     assert any(len(s) == 4 and s[2] == 1 for s in shapes)                # column masks (B, H, 1, N) were drawn
     assert (tmp_path / "run" / "metrics.json").exists()
