@@ -350,11 +350,11 @@ def expected_weights(weights, drop_ratio):
     both ends and stays bounded for |Im y| < ~pi / 2 (where Re t > 0), so the
     trapezoid rule in y with step h has error ~ exp(-pi^2 / h): against all
     2^N masks, 1.1e-7 at h = 0.5 (float64 input) and 2.2e-6 at h = 0.6 (other
-    inputs, integrated in float32 at half the cost). As t -> 0 the integrand
-    tends to (1 - d) p_j, so the nodes below y_lo are summed in closed form
-    (`_first_node`). Nodes stop per row once P(t) <= tol / (1 - d), which
-    bounds the rest of the integral by tol, or once t p_i >= 20 for every key
-    (or at t = e^700: only weights below 1e-300 reach that far).
+    inputs, integrated in float32 at a quarter of the cost). As t -> 0 the
+    integrand tends to (1 - d) p_j, so the nodes below y_lo are summed in
+    closed form (`_first_node`). Nodes stop per row once P(t) <= tol / (1 - d),
+    which bounds the rest of the integral by tol, or once t p_i >= 20 for
+    every key (or at t = e^700: only weights below 1e-300 reach that far).
     A near-uniform row needs about 10 nodes; a peaked one more, growing with
     log(max p / min p), as the integrand reaches out to t ~ 1 / min p.
 

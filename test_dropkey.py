@@ -3,14 +3,44 @@
 Statistical tests use fixed seeds and state their tolerance: a realised rate
 over n Bernoulli(d) draws must lie within 4 sigma = 4 sqrt(d (1 - d) / n).
 """
+import argparse
+import builtins
+import contextlib
+import hashlib
+import io
+import itertools
+import json
 import math
+import os
+import pathlib
+import pickle
+import re
+import shlex
+import struct
+import subprocess
+import sys
+import tarfile
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import dropkey
+import train_cifar
 from vit import ViT
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Tiny models gain nothing from two threads, and on a busy 2-core CPU they can run 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
 
 # ============================================================================ core: dropkey.py, vit.py
 
@@ -335,11 +365,12 @@ def test_tiny_vit_overfits_one_batch_in_every_mode(mode):
     model = ViT(dim=48, depth=2, heads=2, patch_size=8, mlp_ratio=2.0, attn_drop_mode=mode,
                 drop_ratio=0.3, schedule="constant", block_size=2)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for step in range(300):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    with _one_thread():
+        for step in range(300):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     model.eval()
     with torch.no_grad():
         acc = (model(x).argmax(-1) == y).float().mean().item()
@@ -530,39 +561,13 @@ def test_vit_align_exact_uses_expected_weights_in_every_layer():
     assert model.align == "exact" and model(x).shape == (2, 10)       # training ignores it
 
 # ============================================================================ trainer: train_cifar.py
-import argparse
-import builtins
-import contextlib
-import hashlib
-import io
-import json
-import os
-import pickle
-import re
-import struct
-import subprocess
-import sys
-import tarfile
 
-import numpy as np
-
-import train_cifar
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--dataset", "synthetic", "--limit-train", "256", "--limit-test", "128", "--batch-size", "64",
         "--dim", "32", "--depth", "2", "--heads", "2", "--patch-size", "8", "--warmup-epochs", "0.5"]
 TWO_STAGES = ["--epochs", "2", "--finetune-epochs", "1", "--mc-samples", "2"]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: two threads on a busy 2-core CPU can be 50x slower
-
-
-@contextlib.contextmanager
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class _Py2Pickler(pickle._Pickler):
@@ -890,9 +895,6 @@ def test_trainer_align_exact_reports_test_acc_exact(tmp_path):
 
 
 # ============================================================================ course companion: README
-import itertools
-import pathlib
-import shlex
 
 README = pathlib.Path(__file__).resolve().parent / "README.md"
 SHELL_STOPS = {";", "&&", "||", "|", "&", ">", ">>", "<"}  # a command ends at the first of these
