@@ -364,7 +364,7 @@ def expected_weights(weights, drop_ratio):
     """
     _check_ratio(drop_ratio)
     d = float(drop_ratio)
-    if d == 0:
+    if d == 0 or weights.numel() == 0:
         return weights.clone()                                        # nothing is dropped: E[w] = p
     shape, N, device = weights.shape, weights.shape[-1], weights.device
     work = torch.float64 if weights.dtype == torch.float64 else torch.float32

@@ -401,7 +401,7 @@ def _enumerated_expectation(p, d, masks=None):
 def _softmax_rows(R, N, scale, seed, dtype):
     """R rows of softmax(scale * randn) computed in dtype: scale 30 underflows some p to 0 in float32."""
     logits = torch.randn(R, N, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
-    return (logits.to(dtype)).softmax(-1)
+    return logits.to(dtype).softmax(-1)
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-6), (torch.float32, 1e-5)])
