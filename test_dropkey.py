@@ -49,9 +49,14 @@ def _qkv(B=4, H=3, N=17, D=8, seed=0, dtype=torch.float32, grad=False):
     return [torch.randn(B, H, N, D, generator=g).to(dtype).requires_grad_(grad) for _ in range(3)]
 
 
+def _softmax_weights(q, k):
+    """Plain attention weights p = softmax(q k^T / sqrt(D)) (Eq. 2), written again in the test."""
+    return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+
+
 def _reference(q, k, v, keep, mode, d):
     """Independent reference: Eq. 2 softmax, then zero dropped weights and re-normalise (Eq. 1) or rescale."""
-    p = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+    p = _softmax_weights(q, k)
     keep = keep | ~keep.any(-1, keepdim=True)         # the all-dropped rule, written again
     w = p * keep
     w = w / (1 - d) if mode == "vanilla" else w / w.sum(-1, keepdim=True)
@@ -102,7 +107,7 @@ def test_vanilla_scales_kept_weights_by_one_over_one_minus_d():
     d = 0.3
     keep = dropkey.sample_keep_mask((4, 3, 17, 17), "vanilla", d, generator=torch.Generator().manual_seed(7))
     _, w = dropkey.attention(q, k, v, "vanilla", d, keep_mask=keep, return_weights=True)
-    p = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(8), dim=-1)
+    p = _softmax_weights(q, k)
     torch.testing.assert_close(w[keep], p[keep] / (1 - d), atol=1e-6, rtol=1e-6)
     assert (w[~keep] == 0).all()
     assert (w.sum(-1) - 1).abs().max() > 0.05        # rows no longer sum to 1
@@ -226,7 +231,7 @@ def test_fully_dropped_row_falls_back_to_undropped_weights(mode):
     q, k, v = _qkv(seed=18)
     keep = torch.zeros(4, 3, 17, 17, dtype=torch.bool)               # every key dropped
     _, w = dropkey.attention(q, k, v, mode, 0.5, keep_mask=keep, return_weights=True)
-    p = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(8), dim=-1)
+    p = _softmax_weights(q, k)
     torch.testing.assert_close(w, p / 0.5 if mode == "vanilla" else p)
 
 
@@ -252,13 +257,8 @@ def test_monte_carlo_alignment_matches_enumerated_expectation():
     """At eval, mc_samples=T averages the re-normalised weights: E[w_j] = c_j p_j (Eq. 3)."""
     q, k, v = (t[:1].expand(500, 1, 4, 8) for t in _qkv(B=1, H=1, N=4, seed=23))  # 500 copies of one row set
     d, T = 0.5, 8                                                    # 500 x 8 = 4000 masks per weight
-    p = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(8), dim=-1)[0, 0].double()   # (4, 4)
-    expected = torch.zeros_like(p)
-    for bits in range(16):                                           # all 2^4 keep masks
-        keep = torch.tensor([(bits >> j) & 1 for j in range(4)], dtype=torch.bool)
-        prob = (1 - d) ** keep.sum() * d ** (~keep).sum()
-        w = p * keep if keep.any() else p                           # the all-dropped rule
-        expected += prob * w / w.sum(-1, keepdim=True)
+    p = _softmax_weights(q, k)[0, 0].double()   # (4, 4)
+    expected = _enumerated_expectation(p, d)                         # all 2^4 keep masks, (4, 4)
     _, w = dropkey.attention(q, k, v, "dropkey", d, training=False, mc_samples=T, return_weights=True,
                              generator=torch.Generator().manual_seed(24))
     w = w[:, 0].double().mean(0)                                     # average of 4000 sampled weights

@@ -247,15 +247,11 @@ def build_optimizer(model, cfg):
 def aligned(model, mc_samples=0, align="none"):
     """Evaluate with Monte-Carlo (`model.mc_samples`) or exact (`model.align`) expectation alignment, then undo."""
     saved = model.mc_samples, model.align
-    model.mc_samples = mc_samples
-    if align != "none":
-        model.align = align
+    model.mc_samples, model.align = mc_samples, align
     try:
         yield model
     finally:
-        model.mc_samples = saved[0]
-        if align != "none":
-            model.align = saved[1]
+        model.mc_samples, model.align = saved
 
 
 def autocast(device):
