@@ -15,8 +15,11 @@ Li et al., "DropKey for Vision Transformer", CVPR 2023. This file holds:
 Read top to bottom. `attention` has two paths that give the same numbers:
 an explicit one (logits, mask, softmax, @ v) that a debugger can step through,
 and a fused one (`scaled_dot_product_attention`) used where it is exact and
-faster. Set `dropkey.FUSED = False` (or pass `fused=False`) to always take the
-explicit path.
+faster: plain attention, DropKey and its structured variants, and
+DropAttention, whose re-normalised weights (Eq. 1) are the masked softmax of
+Eq. 14. Vanilla dropout's rows do not sum to 1: it is always explicit. Set
+`dropkey.FUSED = False` (or pass `fused=False`) to always take the explicit
+path.
 
 The one rule every dropping mode shares: a query row whose keys are *all*
 dropped keeps all its keys instead (`fall_back`). The paper's Eq. 1 is 0/0
@@ -26,6 +29,7 @@ modes, p / (1 - d) for vanilla, i.e. what that mode does with a kept key).
 """
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,8 +37,10 @@ MODES = ("none", "vanilla", "dropattention", "dropkey", "dropkey_block", "dropke
 DROPPING_MODES = MODES[1:]
 STRUCTURED_MODES = ("dropkey_block", "dropkey_cross")
 MASK_BEFORE_SOFTMAX = ("dropkey",) + STRUCTURED_MODES  # Eq. 12-14: -inf on the logits
+RENORMALISING = ("dropattention",) + MASK_BEFORE_SOFTMAX  # rows sum to 1: one masked softmax (Eq. 1 = 14)
 SCHEDULES = ("constant", "increasing", "decreasing")
 FUSED = True  # False: always take the explicit path (for stepping through in a debugger)
+MASK_CHUNK = 2**21  # mask elements sampled, or given to the flash kernel, at a time (8 MiB as float32)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -63,26 +69,47 @@ def layer_drop_ratios(drop_ratio, depth, schedule="decreasing"):
 
 # ----------------------------------------------------------------------------- masks
 
+def _random_words(device, generator):
+    """A function count -> `count` random int64 words, all 64 bits random.
+
+    On CPU the bits come from numpy's SFC64, seeded from torch's generator (so
+    torch.manual_seed and `generator` still fix every mask): measured 2-4x
+    faster here than torch's CPU generator (mt19937, one core). Elsewhere
+    torch's own generator, given the full int64 range (plain random_() gives
+    only 63 random bits).
+    """
+    if torch.device(device or "cpu").type == "cpu":
+        seed = torch.empty((), dtype=torch.int64).random_(generator=generator).item()
+        sfc64 = np.random.SFC64(seed)
+        return lambda count: torch.from_numpy(sfc64.random_raw(count).view(np.int64))
+    return lambda count: torch.empty(count, dtype=torch.int64, device=device).random_(
+        -2**63, None, generator=generator)
+
+
 def bernoulli_mask(shape, prob, *, device=None, generator=None):
     """Boolean tensor of `shape`, each element True with probability `prob`.
 
     Fast and exact enough: one random 64-bit word gives four 16-bit uniforms,
     each compared with a threshold, so the probability is `prob` rounded to a
     1/65536 grid (error <= 7.6e-6, far inside a 4-sigma bound for any sample
-    that fits in memory; a 1/256 grid would not be). This is ~4x faster than
-    `torch.rand(shape) < prob` and ~8x faster than `torch.bernoulli`; the
-    comparison runs in place (`lt_`), which on CPU is ~3x faster than `<`.
+    that fits in memory; a 1/256 grid would not be). This is ~8x faster than
+    `torch.rand(shape) < prob`. Done MASK_CHUNK elements at a time, so the
+    random words stay in cache, and compared in place (`lt_`: ~3x faster than
+    `<` on CPU).
     """
     numel = math.prod(shape)
     if prob <= 0:
         return torch.zeros(shape, dtype=torch.bool, device=device)
     if prob >= 1:
         return torch.ones(shape, dtype=torch.bool, device=device)
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
-    words.random_(-2**63, None, generator=generator)  # all 64 bits random (plain random_() gives 63)
-    uniform16 = words.view(torch.int16)[:numel]       # uniform on [-32768, 32767]
     threshold = round(prob * 65536) - 32768
-    return uniform16.lt_(threshold).to(torch.bool).view(shape)  # 1 where uniform16 < threshold
+    draw = _random_words(device, generator)
+    mask = torch.empty(numel, dtype=torch.bool, device=device)
+    for a in range(0, numel, MASK_CHUNK):  # chunks of the flat mask, never a loop over tokens
+        b = min(a + MASK_CHUNK, numel)
+        uniform16 = draw((b - a + 3) // 4).view(torch.int16)[:b - a]  # uniform on [-32768, 32767]
+        mask[a:b] = uniform16.lt_(threshold)                           # 1 where uniform16 < threshold
+    return mask.view(shape)
 
 
 def _dilate(x, s, dim):
@@ -143,8 +170,8 @@ def sample_keep_mask(shape, mode="dropkey", drop_ratio=0.0, *, grid=None, prefix
     raw mask can be inspected.
     """
     *lead, n_keys = shape
-    if mode not in STRUCTURED_MODES:
-        return ~bernoulli_mask(shape, drop_ratio, device=device, generator=generator)
+    if mode not in STRUCTURED_MODES:  # each key kept with probability 1 - d
+        return bernoulli_mask(shape, 1.0 - drop_ratio, device=device, generator=generator)
     _check_grid(grid, n_keys, prefix_tokens, block_size)
     prefix_drop = bernoulli_mask((*lead, prefix_tokens), drop_ratio, device=device, generator=generator)
     grid_drop = _structured_drop(lead, mode, drop_ratio, grid, block_size, device, generator)
@@ -165,7 +192,10 @@ def dropped_weights(logits, keep, mode, drop_ratio):
     dropkey (and -block, -cross), Eq. 12-14: d_j = -inf on the logits, then softmax.
     dropattention, Eq. 1: p = softmax(logits), zero the dropped p_j, re-normalise.
     vanilla: p = softmax(logits), zero the dropped p_j, scale by 1 / (1 - d).
-    `keep` must already have been through `fall_back`.
+    `keep` must already have been through `fall_back`. If every kept p_j of a
+    row underflows to 0 (kept logits ~100 below the row's largest in float32),
+    Eq. 1 is 0/0 and dropattention keeps p; the fused path, which works on the
+    logits like Eq. 14, still gets the re-normalised weights.
     """
     if mode in MASK_BEFORE_SOFTMAX:
         masked = torch.where(keep, logits, float("-inf"))              # Eq. 12: logits + d_j, d_j in {0, -inf}
@@ -189,13 +219,28 @@ def additive_mask(keep, dtype):
     return (~keep).to(bits).mul_(minus_inf).view(dtype)                # 0 * pattern = +0.0
 
 
+def _batch_slices(keep):
+    """Slices of the batch whose float mask has at most MASK_CHUNK elements (at least one row)."""
+    rows = max(1, MASK_CHUNK // keep[0].numel())
+    return [slice(a, a + rows) for a in range(0, keep.shape[0], rows)]
+
+
+def _cat(parts):
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class _FusedMaskedAttention(torch.autograd.Function):
     """SDPA's CPU flash kernel with a keep mask, keeping the *boolean* mask for backward.
 
     F.scaled_dot_product_attention turns a boolean mask into a float one and
     keeps that for backward (4 bytes per mask element); this keeps the
     boolean (1 byte) and rebuilds the float mask in backward. Same kernels,
-    bit-identical outputs and gradients.
+    same outputs and gradients.
+
+    The float mask is built for a slice of the batch at a time (`MASK_CHUNK`):
+    a small one stays in cache, and a fresh allocation of more than 32 MiB is
+    page-faulted in on every call (glibc hands it out by mmap), which at
+    N = 257 costs more than the kernel's own work with the mask.
 
     The all-dropped rule costs almost nothing here: the kernel returns a zero
     output and a log-sum-exp of exactly 0 for a row with every key masked,
@@ -205,22 +250,29 @@ class _FusedMaskedAttention(torch.autograd.Function):
     """
 
     @staticmethod
+    def _forward(q, k, v, keep):
+        parts = [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[s], k[s], v[s], 0.0, False, attn_mask=additive_mask(keep[s], q.dtype))
+            for s in _batch_slices(keep)]
+        return _cat([out for out, _ in parts]), _cat([lse for _, lse in parts])  # (B, H, N, D), (B, H, N)
+
+    @staticmethod
     def forward(ctx, q, k, v, keep):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=additive_mask(keep, q.dtype))   # lse: (B, H, N)
+        out, lse = _FusedMaskedAttention._forward(q, k, v, keep)
         if (lse == 0).any() or not lse.isfinite().all():               # maybe an all-dropped row
             keep = fall_back(keep)
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, 0.0, False, attn_mask=additive_mask(keep, q.dtype))
+            out, lse = _FusedMaskedAttention._forward(q, k, v, keep)
         ctx.save_for_backward(q, k, v, out, lse, keep)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, keep = ctx.saved_tensors
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=additive_mask(keep, q.dtype))
-        return (*grads, None)
+        grad_out = grad_out.contiguous()
+        parts = [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out[s], q[s], k[s], v[s], out[s], lse[s], 0.0, False,
+            attn_mask=additive_mask(keep[s], q.dtype)) for s in _batch_slices(keep)]
+        return (*(_cat(grads) for grads in zip(*parts)), None)      # dq, dk, dv, no grad for keep
 
 
 def _sdpa(q, k, v, keep):
@@ -286,8 +338,8 @@ def attention(q, k, v, mode="dropkey", drop_ratio=0.0, training=True, *, grid=No
     if dropping:
         keep = keep_mask if keep_mask is not None else sample_keep_mask((B, H, N, N), mode, drop_ratio, **sample)
         keep = keep.expand(B, H, N, N)                                 # (B, H, N, N)
-    if _use_fused(q, fused) and not return_weights and (not dropping or mode in MASK_BEFORE_SOFTMAX):
-        return _sdpa(q, k, v, keep if dropping else None)             # Eq. 12-14, fused
+    if _use_fused(q, fused) and not return_weights and (not dropping or mode in RENORMALISING):
+        return _sdpa(q, k, v, keep if dropping else None)             # Eq. 12-14 (= Eq. 1), fused
     if dropping:
         keep = fall_back(keep)                                         # (B, H, N, N)
     logits = (q @ k.transpose(-2, -1)) * D ** -0.5                     # (B, H, N, N)
@@ -546,7 +598,8 @@ def _bench_attention(B, H, N, D, runs, dtype, device, drop_ratio=0.3):
         cases[mode] = lambda mode=mode: attention(q, k, v, mode, drop_ratio, grid=(side, side), block_size=3)
     cases["paper Algorithm 1"] = lambda: _algorithm1(q, k, v, drop_ratio)
     saved = {name: _saved_bytes(fn)[1] for name, fn in cases.items()}
-    times = _time_rounds({name: (lambda fn=fn: fn().sum().backward()) for name, fn in cases.items()},
+    grad = torch.randn_like(q)  # a dense gradient, as in training (sum().backward() sends a stride-0 one)
+    times = _time_rounds({name: (lambda fn=fn: fn().backward(grad)) for name, fn in cases.items()},
                          runs, device)
     fastest = min(["none (fused SDPA)", "none (explicit)"], key=lambda name: _median(times[name]))
     print(f"\nfwd+bwd of one attention op, B={B} H={H} N={N} D={D} {str(dtype)[6:]} on {device}, "

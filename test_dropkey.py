@@ -142,6 +142,68 @@ def test_dropkey_equals_dropattention_and_reference_under_one_mask(N):
     torch.testing.assert_close(w[0, 0, 3], torch.softmax(q[0, 0, 3] @ k[0, 0].T / math.sqrt(8), -1))
 
 
+@pytest.mark.parametrize("mode", ["dropkey", "dropattention"])
+def test_fused_path_in_mask_chunks_equals_reference(mode, monkeypatch):
+    """The flash kernel gets the batch in slices of <= MASK_CHUNK mask elements; an all-dropped row sits in a later one."""
+    monkeypatch.setattr(dropkey, "MASK_CHUNK", 2 * 3 * 17 * 17)       # slices of 2 of the 5 batch rows
+    q, k, v = _qkv(B=5, N=17, seed=40, grad=True)
+    keep = dropkey.sample_keep_mask((5, 3, 17, 17), "dropkey", 0.4, generator=torch.Generator().manual_seed(41))
+    keep[3, 1, 6] = False                             # in the second slice
+    ref_out, _ = _reference(q, k, v, keep, mode, 0.4)
+    ref_grads = torch.autograd.grad(ref_out.square().sum(), (q, k, v))
+    out = dropkey.attention(q, k, v, mode, 0.4, keep_mask=keep, fused=True)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_bfloat16_with_an_all_dropped_row_matches_the_float32_reference():
+    q, k, v = _qkv(B=2, N=65, D=16, seed=42, dtype=torch.bfloat16, grad=True)
+    keep = dropkey.sample_keep_mask((2, 3, 65, 65), "dropkey", 0.5, generator=torch.Generator().manual_seed(43))
+    keep[1, 2, 0] = False
+    out = dropkey.attention(q, k, v, "dropkey", 0.5, keep_mask=keep, fused=True)
+    ref_out, _ = _reference(q.float(), k.float(), v.float(), keep, "dropkey", 0.5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref_out, atol=3e-2, rtol=3e-2)   # bfloat16: 8-bit mantissa
+    out.float().square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_additive_mask_is_plus_zero_or_minus_inf(dtype):
+    keep = torch.tensor([[True, False, True], [False, False, True]])
+    m = dropkey.additive_mask(keep, dtype)
+    assert m.dtype == dtype and m.shape == keep.shape
+    assert (m[keep] == 0).all() and not torch.signbit(m[keep]).any()
+    assert torch.isneginf(m[~keep]).all()
+
+
+def test_bernoulli_mask_follows_the_torch_seed_and_not_the_chunk_size(monkeypatch):
+    shape = (3, 1000)
+    torch.manual_seed(44)
+    a = dropkey.bernoulli_mask(shape, 0.3)
+    torch.manual_seed(44)
+    b = dropkey.bernoulli_mask(shape, 0.3)
+    monkeypatch.setattr(dropkey, "MASK_CHUNK", 12)     # 250 chunks of 3 words each
+    c = dropkey.bernoulli_mask(shape, 0.3, generator=torch.Generator().manual_seed(45))
+    monkeypatch.undo()
+    d = dropkey.bernoulli_mask(shape, 0.3, generator=torch.Generator().manual_seed(45))
+    assert torch.equal(a, b) and torch.equal(c, d)
+    assert not torch.equal(a, c)
+
+
+def test_benchmark_runs_and_prints_every_row(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["dropkey.py", "--shapes", "2,2,17,8", "--runs", "1",
+                                      "--vit-patches", "16", "--vit-batch", "2", "--vit-runs", "1"])
+    with _one_thread():
+        dropkey._main()
+    printed = capsys.readouterr().out
+    for row in [*dropkey.MODES[1:], "none (fused SDPA)", "none (explicit)", "paper Algorithm 1",
+                "faster than the paper's Algorithm 1", "images/s", "exact expectation"]:
+        assert row in printed
+
+
 def test_masks_differ_across_queries_heads_and_batch():
     keep = dropkey.sample_keep_mask((2, 2, 65, 65), "dropkey", 0.5, generator=torch.Generator().manual_seed(11))
     assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
