@@ -668,7 +668,7 @@ def _main():
                                      "and a full ViT training step.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    parser.add_argument("--shapes", default="128,3,65,64;32,3,257,64", help="B,H,N,D;... (N = 1 + square; '' skips)")
+    parser.add_argument("--shapes", default="128,3,65,64;32,3,257,64;32,4,257,32", help="B,H,N,D;... (N = 1 + square; '' skips)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--runs", type=int, default=30, help="rounds: each times every row once (after 3 warm-ups)")
