@@ -41,7 +41,6 @@ RENORMALISING = ("dropattention",) + MASK_BEFORE_SOFTMAX  # rows sum to 1: one m
 SCHEDULES = ("constant", "increasing", "decreasing")
 FUSED = True  # False: always take the explicit path (for stepping through in a debugger)
 MASK_CHUNK = 2**21  # mask elements sampled, or given to the flash kernel, at a time (8 MiB as float32)
-SHORT_ROWS = 128    # up to this many tokens a masked CPU attention runs as GEMM + softmax, not the flash kernel
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -276,35 +275,12 @@ class _FusedMaskedAttention(torch.autograd.Function):
         return (*(_cat(grads) for grads in zip(*parts)), None)      # dq, dk, dv, no grad for keep
 
 
-def _gemm_softmax_attention(q, k, v, keep):
-    """Eq. 12-14 in three ops: q k^T / sqrt(D) + D in one GEMM (baddbmm), softmax, @ v.
-
-    For short rows (N <= SHORT_ROWS) on CPU this measured faster than the
-    flash kernel: the mask is read once, inside the GEMM, and never rebuilt
-    for backward, which needs only the weights.
-    """
-    B, H, N, D = q.shape
-    q, k, v = (t.reshape(B * H, N, D) for t in (q, k, v))                # (BH, N, D)
-
-    def weights_for(keep):
-        mask = additive_mask(keep, q.dtype).reshape(B * H, N, N)          # D of Eq. 12
-        logits = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=D ** -0.5)  # q k^T / sqrt(D) + D
-        return logits.softmax(dim=-1)                                     # Eq. 14, (BH, N, N)
-
-    weights = weights_for(keep)
-    if weights[:, :, 0].isnan().any():      # an all-dropped row is 0/0 in the softmax: fall back
-        weights = weights_for(fall_back(keep))
-    return (weights @ v).reshape(B, H, N, D)                              # Eq. 13
-
-
 def _sdpa(q, k, v, keep):
     """Fused attention; keep (bool, True = take part) is the -inf of Eq. 12, or None.
 
     Applies the all-dropped rule itself: SDPA would return zeros for such a row.
     """
     if keep is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
-        if q.shape[-2] <= SHORT_ROWS:
-            return _gemm_softmax_attention(q, k, v, keep)
         return _FusedMaskedAttention.apply(q, k, v, keep)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if keep is None else fall_back(keep))
 
