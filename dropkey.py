@@ -268,7 +268,6 @@ class _FusedMaskedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, keep = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
         parts = [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out[s], q[s], k[s], v[s], out[s], lse[s], 0.0, False,
             attn_mask=additive_mask(keep[s], q.dtype)) for s in _batch_slices(keep)]

@@ -158,6 +158,22 @@ def test_fused_path_in_mask_chunks_equals_reference(mode, monkeypatch):
         torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
 
 
+def test_fused_path_takes_q_k_v_and_gradients_in_the_vit_layout():
+    """vit.py hands over q, k, v as strided views of one projection and gets a strided gradient back."""
+    B, N, H, D = 3, 17, 3, 8
+    qkv = torch.randn(B, N, 3, H, D, generator=torch.Generator().manual_seed(46), requires_grad=True)
+    keep = dropkey.sample_keep_mask((B, H, N, N), "dropkey", 0.4, generator=torch.Generator().manual_seed(47))
+    keep[2, 0, 5] = False
+    w = torch.randn(B, N, H * D, generator=torch.Generator().manual_seed(48))
+    results = []
+    for fused in [True, False]:
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                          # 3 x (B, H, N, D), not contiguous
+        out = dropkey.attention(q, k, v, "dropkey", 0.4, keep_mask=keep, fused=fused)
+        y = out.transpose(1, 2).reshape(B, N, H * D)                  # as vit.py does
+        results.append((out, *torch.autograd.grad((y * w).sum(), qkv)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
 def test_fused_bfloat16_with_an_all_dropped_row_matches_the_float32_reference():
     q, k, v = _qkv(B=2, N=65, D=16, seed=42, dtype=torch.bfloat16, grad=True)
     keep = dropkey.sample_keep_mask((2, 3, 65, 65), "dropkey", 0.5, generator=torch.Generator().manual_seed(43))
