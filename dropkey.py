@@ -559,16 +559,20 @@ def _saved_bytes(fn):
 def _time_rounds(fns, runs, device):
     """Wall times in ms of every fn in `fns` (a dict), {name: [ms per round]}, after 3 warm-ups each.
 
-    Round-robin: each round calls every fn once, so a drift of the machine
-    (a busy neighbour, a slower core) hits every row alike.
+    Each round calls every fn once, in a fresh random order: a drift of the
+    machine (a busy neighbour, a slower core) hits every row alike, and no row
+    always runs right after one that leaves the allocator or caches cold.
     """
+    import random
     import time
     for fn in fns.values():
         for _ in range(3):
             fn()
     times = {name: [] for name in fns}
+    order = random.Random(0)
     for _ in range(runs):
-        for name, fn in fns.items():
+        for name in order.sample(list(fns), len(fns)):
+            fn = fns[name]
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
