@@ -284,7 +284,7 @@ def _sdpa(q, k, v, keep):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if keep is None else fall_back(keep))
 
 
-def _use_fused(q, fused):
+def _use_fused(fused):
     """fused=None follows dropkey.FUSED: SDPA measured faster here at N = 65 and 257 (README, Performance)."""
     return FUSED if fused is None else fused
 
@@ -337,7 +337,7 @@ def attention(q, k, v, mode="dropkey", drop_ratio=0.0, training=True, *, grid=No
     if dropping:
         keep = keep_mask if keep_mask is not None else sample_keep_mask((B, H, N, N), mode, drop_ratio, **sample)
         keep = keep.expand(B, H, N, N)                                 # (B, H, N, N)
-    if _use_fused(q, fused) and not return_weights and (not dropping or mode in RENORMALISING):
+    if _use_fused(fused) and not return_weights and (not dropping or mode in RENORMALISING):
         return _sdpa(q, k, v, keep if dropping else None)             # Eq. 12-14 (= Eq. 1), fused
     if dropping:
         keep = fall_back(keep)                                         # (B, H, N, N)
@@ -552,8 +552,8 @@ def _saved_bytes(fn):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(storages.values())
+        fn()
+    return sum(storages.values())
 
 
 def _time_rounds(fns, runs, device):
@@ -600,7 +600,7 @@ def _bench_attention(B, H, N, D, runs, dtype, device, drop_ratio=0.3):
     for mode in DROPPING_MODES:
         cases[mode] = lambda mode=mode: attention(q, k, v, mode, drop_ratio, grid=(side, side), block_size=3)
     cases["paper Algorithm 1"] = lambda: _algorithm1(q, k, v, drop_ratio)
-    saved = {name: _saved_bytes(fn)[1] for name, fn in cases.items()}
+    saved = {name: _saved_bytes(fn) for name, fn in cases.items()}
     grad = torch.randn_like(q)  # a dense gradient, as in training (sum().backward() sends a stride-0 one)
     times = _time_rounds({name: (lambda fn=fn: fn().backward(grad)) for name, fn in cases.items()},
                          runs, device)

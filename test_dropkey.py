@@ -63,6 +63,15 @@ def _reference(q, k, v, keep, mode, d):
     return w @ v, w
 
 
+def _out_and_grads(out, inputs):
+    """out and the gradients of sum(out^2) with respect to `inputs`: what the equivalence tests compare."""
+    return (out, *torch.autograd.grad(out.square().sum(), inputs))
+
+
+def _assert_all_close(results, expected, tol=1e-5):
+    for a, b in zip(results, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
 def _four_sigma(d, n):
     return 4 * math.sqrt(d * (1 - d) / n)
 
@@ -126,16 +135,12 @@ def test_dropkey_equals_dropattention_and_reference_under_one_mask(N):
     q, k, v = _qkv(B=2, N=N, seed=9, grad=True)
     keep = dropkey.sample_keep_mask((2, 3, N, N), "dropkey", 0.4, generator=torch.Generator().manual_seed(10))
     keep[0, 0, 3] = False                             # one fully dropped row: falls back to p
-    ref_out, ref_w = _reference(q, k, v, keep, "dropkey", 0.4)
-    ref_grads = torch.autograd.grad(ref_out.square().sum(), (q, k, v))
+    expected = _out_and_grads(_reference(q, k, v, keep, "dropkey", 0.4)[0], (q, k, v))
     outs = {}
     for mode in ["dropkey", "dropattention"]:
         for fused in [True, False]:
             out = dropkey.attention(q, k, v, mode, 0.4, keep_mask=keep, fused=fused)
-            grads = torch.autograd.grad(out.square().sum(), (q, k, v))
-            torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
-            for g, rg in zip(grads, ref_grads):
-                torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
+            _assert_all_close(_out_and_grads(out, (q, k, v)), expected)
             outs[mode, fused] = out
     assert (outs["dropkey", False] - outs["dropattention", False]).abs().max() <= 1e-6
     _, w = dropkey.attention(q, k, v, "dropkey", 0.4, keep_mask=keep, return_weights=True)
@@ -149,13 +154,9 @@ def test_fused_path_in_mask_chunks_equals_reference(mode, monkeypatch):
     q, k, v = _qkv(B=5, N=17, seed=40, grad=True)
     keep = dropkey.sample_keep_mask((5, 3, 17, 17), "dropkey", 0.4, generator=torch.Generator().manual_seed(41))
     keep[3, 1, 6] = False                             # in the second slice
-    ref_out, _ = _reference(q, k, v, keep, mode, 0.4)
-    ref_grads = torch.autograd.grad(ref_out.square().sum(), (q, k, v))
+    expected = _out_and_grads(_reference(q, k, v, keep, mode, 0.4)[0], (q, k, v))
     out = dropkey.attention(q, k, v, mode, 0.4, keep_mask=keep, fused=True)
-    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
-    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
-    for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
+    _assert_all_close(_out_and_grads(out, (q, k, v)), expected)
 
 
 def test_fused_path_takes_q_k_v_and_gradients_in_the_vit_layout():
@@ -171,8 +172,8 @@ def test_fused_path_takes_q_k_v_and_gradients_in_the_vit_layout():
         out = dropkey.attention(q, k, v, "dropkey", 0.4, keep_mask=keep, fused=fused)
         y = out.transpose(1, 2).reshape(B, N, H * D)                  # as vit.py does
         results.append((out, *torch.autograd.grad((y * w).sum(), qkv)))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    _assert_all_close(*results)
+
 
 def test_fused_bfloat16_with_an_all_dropped_row_matches_the_float32_reference():
     q, k, v = _qkv(B=2, N=65, D=16, seed=42, dtype=torch.bfloat16, grad=True)
