@@ -201,7 +201,7 @@ def dropped_weights(logits, keep, mode, drop_ratio):
         masked = torch.where(keep, logits, float("-inf"))              # Eq. 12: logits + d_j, d_j in {0, -inf}
         return masked.softmax(dim=-1)                                  # Eq. 14
     p = logits.softmax(dim=-1)                                         # Eq. 2
-    kept = p.masked_fill(~keep, 0.0)                                   # d_j p_j, d_j in {0, 1}
+    kept = torch.where(keep, p, 0.0)                                   # d_j p_j, d_j in {0, 1}
     if mode == "vanilla":
         return kept / (1.0 - drop_ratio)                               # rows no longer sum to 1
     total = kept.sum(dim=-1, keepdim=True)                             # (B, H, N, 1)
@@ -219,10 +219,15 @@ def additive_mask(keep, dtype):
     return (~keep).to(bits).mul_(minus_inf).view(dtype)                # 0 * pattern = +0.0
 
 
-def _batch_slices(keep):
-    """Slices of the batch whose float mask has at most MASK_CHUNK elements (at least one row)."""
-    rows = max(1, MASK_CHUNK // keep[0].numel())
-    return [slice(a, a + rows) for a in range(0, keep.shape[0], rows)]
+def _batch_slices(shape):
+    """Slices of the batch of a (B, H, N, N) mask with at most MASK_CHUNK elements each (at least one row).
+
+    Work on N x N tensors goes a slice at a time: a fresh allocation of more
+    than 32 MiB is page-faulted in on every call (glibc hands it out by mmap).
+    """
+    B, *rest = shape
+    rows = max(1, MASK_CHUNK // max(1, math.prod(rest)))
+    return [slice(a, a + rows) for a in range(0, max(B, 1), rows)]
 
 
 def _cat(parts):
@@ -237,10 +242,9 @@ class _FusedMaskedAttention(torch.autograd.Function):
     boolean (1 byte) and rebuilds the float mask in backward. Same kernels,
     same outputs and gradients.
 
-    The float mask is built for a slice of the batch at a time (`MASK_CHUNK`):
-    a small one stays in cache, and a fresh allocation of more than 32 MiB is
-    page-faulted in on every call (glibc hands it out by mmap), which at
-    N = 257 costs more than the kernel's own work with the mask.
+    The float mask is built for a slice of the batch at a time (`_batch_slices`):
+    a small one stays in cache and is not page-faulted in on every call, which
+    at N = 257 cost more than the kernel's own work with the mask.
 
     The all-dropped rule costs almost nothing here: the kernel returns a zero
     output and a log-sum-exp of exactly 0 for a row with every key masked,
@@ -253,7 +257,7 @@ class _FusedMaskedAttention(torch.autograd.Function):
     def _forward(q, k, v, keep):
         parts = [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q[s], k[s], v[s], 0.0, False, attn_mask=additive_mask(keep[s], q.dtype))
-            for s in _batch_slices(keep)]
+            for s in _batch_slices(keep.shape)]
         return _cat([out for out, _ in parts]), _cat([lse for _, lse in parts])  # (B, H, N, D), (B, H, N)
 
     @staticmethod
@@ -270,7 +274,7 @@ class _FusedMaskedAttention(torch.autograd.Function):
         q, k, v, out, lse, keep = ctx.saved_tensors
         parts = [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out[s], q[s], k[s], v[s], out[s], lse[s], 0.0, False,
-            attn_mask=additive_mask(keep[s], q.dtype)) for s in _batch_slices(keep)]
+            attn_mask=additive_mask(keep[s], q.dtype)) for s in _batch_slices(keep.shape)]
         return (*(_cat(grads) for grads in zip(*parts)), None)      # dq, dk, dv, no grad for keep
 
 
@@ -334,20 +338,28 @@ def attention(q, k, v, mode="dropkey", drop_ratio=0.0, training=True, *, grid=No
                              f"independent; use mc_samples=T instead")
         if drop_ratio > 0:
             return _exact(q, k, v, mode, drop_ratio, return_weights)
+    keep = None                                                        # None: nothing dropped
     if dropping:
         keep = keep_mask if keep_mask is not None else sample_keep_mask((B, H, N, N), mode, drop_ratio, **sample)
         keep = keep.expand(B, H, N, N)                                 # (B, H, N, N)
     if _use_fused(fused) and not return_weights and (not dropping or mode in RENORMALISING):
-        return _sdpa(q, k, v, keep if dropping else None)             # Eq. 12-14 (= Eq. 1), fused
+        return _sdpa(q, k, v, keep)                                    # Eq. 12-14 (= Eq. 1), fused
     if dropping:
         keep = fall_back(keep)                                         # (B, H, N, N)
-    logits = (q @ k.transpose(-2, -1)) * D ** -0.5                     # (B, H, N, N)
-    if dropping:
-        weights = dropped_weights(logits, keep, mode, drop_ratio)      # (B, H, N, N)
-    else:
+    if return_weights:
+        return _explicit(q, k, v, keep, mode, drop_ratio)
+    return _cat([_explicit(q[s], k[s], v[s], None if keep is None else keep[s], mode, drop_ratio)[0]
+                 for s in _batch_slices((B, H, N, N))])               # (B, H, N, D), see _batch_slices
+
+
+def _explicit(q, k, v, keep, mode, drop_ratio):
+    """Attention written out, (out (B, H, N, D), weights (B, H, N, N)); keep: None (no drop) or after fall_back."""
+    logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5           # (B, H, N, N)
+    if keep is None:
         weights = logits.softmax(dim=-1)                               # Eq. 2
-    out = weights @ v                                                  # (B, H, N, D), Eq. 13
-    return (out, weights) if return_weights else out
+    else:
+        weights = dropped_weights(logits, keep, mode, drop_ratio)      # (B, H, N, N)
+    return weights @ v, weights                                        # Eq. 13
 
 
 @torch.no_grad()

@@ -147,16 +147,28 @@ def test_dropkey_equals_dropattention_and_reference_under_one_mask(N):
     torch.testing.assert_close(w[0, 0, 3], torch.softmax(q[0, 0, 3] @ k[0, 0].T / math.sqrt(8), -1))
 
 
-@pytest.mark.parametrize("mode", ["dropkey", "dropattention"])
-def test_fused_path_in_mask_chunks_equals_reference(mode, monkeypatch):
-    """The flash kernel gets the batch in slices of <= MASK_CHUNK mask elements; an all-dropped row sits in a later one."""
+@pytest.mark.parametrize("mode, fused", [("dropkey", True), ("dropattention", True), ("vanilla", None),
+                                         ("dropkey", False), ("none", False)])
+def test_batch_slices_of_mask_chunk_elements_equal_reference(mode, fused, monkeypatch):
+    """Fused and explicit paths take the batch in slices of <= MASK_CHUNK mask elements; an all-dropped row sits in a later one."""
     monkeypatch.setattr(dropkey, "MASK_CHUNK", 2 * 3 * 17 * 17)       # slices of 2 of the 5 batch rows
     q, k, v = _qkv(B=5, N=17, seed=40, grad=True)
     keep = dropkey.sample_keep_mask((5, 3, 17, 17), "dropkey", 0.4, generator=torch.Generator().manual_seed(41))
     keep[3, 1, 6] = False                             # in the second slice
+    if mode == "none":
+        keep = torch.ones_like(keep)
     expected = _out_and_grads(_reference(q, k, v, keep, mode, 0.4)[0], (q, k, v))
-    out = dropkey.attention(q, k, v, mode, 0.4, keep_mask=keep, fused=True)
+    out = dropkey.attention(q, k, v, mode, 0.4, keep_mask=None if mode == "none" else keep, fused=fused)
     _assert_all_close(_out_and_grads(out, (q, k, v)), expected)
+
+
+@pytest.mark.parametrize("mode, fused", [("dropkey", True), ("vanilla", None), ("none", False)])
+def test_an_empty_batch_gives_an_empty_output(mode, fused):
+    q, k, v = _qkv(B=0, grad=True)
+    out = dropkey.attention(q, k, v, mode, 0.3, fused=fused)
+    assert out.shape == (0, 3, 17, 8)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
 
 
 def test_fused_path_takes_q_k_v_and_gradients_in_the_vit_layout():
