@@ -346,10 +346,10 @@ def attention(q, k, v, mode="dropkey", drop_ratio=0.0, training=True, *, grid=No
         return _sdpa(q, k, v, keep)                                    # Eq. 12-14 (= Eq. 1), fused
     if dropping:
         keep = fall_back(keep)                                         # (B, H, N, N)
-    if return_weights:
-        return _explicit(q, k, v, keep, mode, drop_ratio)
-    return _cat([_explicit(q[s], k[s], v[s], None if keep is None else keep[s], mode, drop_ratio)[0]
-                 for s in _batch_slices((B, H, N, N))])               # (B, H, N, D), see _batch_slices
+    parts = [_explicit(q[s], k[s], v[s], None if keep is None else keep[s], mode, drop_ratio)
+             for s in _batch_slices((B, H, N, N))]                     # see _batch_slices
+    out = _cat([out for out, _ in parts])                              # (B, H, N, D)
+    return (out, _cat([weights for _, weights in parts])) if return_weights else out
 
 
 def _explicit(q, k, v, keep, mode, drop_ratio):

@@ -157,9 +157,13 @@ def test_batch_slices_of_mask_chunk_elements_equal_reference(mode, fused, monkey
     keep[3, 1, 6] = False                             # in the second slice
     if mode == "none":
         keep = torch.ones_like(keep)
-    expected = _out_and_grads(_reference(q, k, v, keep, mode, 0.4)[0], (q, k, v))
+    ref_out, ref_weights = _reference(q, k, v, keep, mode, 0.4)
+    expected = _out_and_grads(ref_out, (q, k, v))
     out = dropkey.attention(q, k, v, mode, 0.4, keep_mask=None if mode == "none" else keep, fused=fused)
     _assert_all_close(_out_and_grads(out, (q, k, v)), expected)
+    _, weights = dropkey.attention(q, k, v, mode, 0.4, keep_mask=None if mode == "none" else keep,
+                                   fused=fused, return_weights=True)  # always the explicit path, in slices
+    _assert_all_close([weights], [ref_weights])
 
 
 @pytest.mark.parametrize("mode, fused", [("dropkey", True), ("vanilla", None), ("none", False)])
