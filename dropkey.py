@@ -1,31 +1,32 @@
-"""DropKey and every other attention-dropout mode of the paper, in one function.
+"""DropKey (Li et al., "DropKey for Vision Transformer", CVPR 2023) as a drop-in for
+`F.scaled_dot_product_attention`, with every attention-dropout mode the paper compares.
 
-Li et al., "DropKey for Vision Transformer", CVPR 2023. This file holds:
+Reading order, which is the paper's order:
 
-  1. `layer_drop_ratios`  -- how much to drop in each layer (Sec. 3.2, Table 1).
-  2. `bernoulli_mask`, `sample_keep_mask` -- which keys to drop: independent
-     per query (DropKey, Eq. 12), or in s x s blocks / crosses of the patch
-     grid (DropKey-Block and DropKey-Cross, Sec. 3.2, Fig. 2, Table 2).
-  3. `attention` -- one attention op for every mode: plain, vanilla dropout
-     on the weights, DropAttention (Eq. 1), DropKey (Eq. 12-14), and the
-     Monte-Carlo "Align Expectation" at evaluation (Sec. 3.2, Table 4).
-  4. `expected_weights` -- the exact expectation c_j p_j of Eq. 3, i.e. the
-     Monte-Carlo average with infinitely many masks (`align="exact"`).
+  1. `layer_drop_ratios` -- how much to drop in each layer (Sec. 3.2, Table 1).
+  2. `sample_keep_mask` -- which keys to drop: independently per query (DropKey,
+     Eq. 12), or in s x s blocks / crosses of the patch grid (DropKey-Block and
+     DropKey-Cross, Fig. 2, Table 2). `allowed_keys` and `fall_back` compose the
+     drop with the masks a model already has (padding, causal).
+  3. `attention` -- softmax(q k^T / sqrt(E) + D) v with the dropout of `mode`:
+     DropKey's D holds -inf for dropped keys, *before* the softmax (Eq. 12-14);
+     DropAttention re-normalises after it (Eq. 1); vanilla is nn.Dropout on the
+     weights. One explicit path, every step a named local you can inspect.
+  4. `aligned_attention`, `expected_weights` -- Align Expectation at evaluation
+     (Sec. 3.2, Table 4): the Monte-Carlo average over masks, or its exact limit
+     c_j p_j (Eq. 3).
+  5. The fast path (last section): the same numbers from fused kernels. One
+     switch, `dropkey.FLASH`; set it to False to step through the explicit path.
 
-Read top to bottom. `attention` has two paths that give the same numbers:
-an explicit one (logits, mask, softmax, @ v) that a debugger can step through,
-and a fused one (`scaled_dot_product_attention`) used where it is exact and
-faster: plain attention, DropKey and its structured variants, and
-DropAttention, whose re-normalised weights (Eq. 1) are the masked softmax of
-Eq. 14. Vanilla dropout's rows do not sum to 1: it is always explicit. Set
-`dropkey.FUSED = False` (or pass `fused=False`) to always take the explicit
-path.
+The whole idea, next to plain attention (the paper's Algorithm 1):
 
-The one rule every dropping mode shares: a query row whose keys are *all*
-dropped keeps all its keys instead (`fall_back`). The paper's Eq. 1 is 0/0
-there and Algorithm 1's finite -1e12 silently turns such a row into a uniform
-one; we fall back to the row's undropped weights (p for the re-normalising
-modes, p / (1 - d) for vanilla, i.e. what that mode does with a kept key).
+    logits = q @ k.transpose(-2, -1) * scale
+    logits = logits.masked_fill(torch.rand_like(logits) < drop_ratio, -inf)   # DropKey (Eq. 12)
+    out = logits.softmax(-1) @ v                                              # Eq. 13-14
+
+plus one rule the paper leaves open: a query whose keys are all dropped keeps
+them instead (`fall_back`), where Algorithm 1's finite -1e12 silently makes the
+row uniform.
 """
 import math
 
@@ -36,11 +37,8 @@ import torch.nn.functional as F
 MODES = ("none", "vanilla", "dropattention", "dropkey", "dropkey_block", "dropkey_cross")
 DROPPING_MODES = MODES[1:]
 STRUCTURED_MODES = ("dropkey_block", "dropkey_cross")
-MASK_BEFORE_SOFTMAX = ("dropkey",) + STRUCTURED_MODES  # Eq. 12-14: -inf on the logits
-RENORMALISING = ("dropattention",) + MASK_BEFORE_SOFTMAX  # rows sum to 1: one masked softmax (Eq. 1 = 14)
 SCHEDULES = ("constant", "increasing", "decreasing")
-FUSED = True  # False: always take the explicit path (for stepping through in a debugger)
-MASK_CHUNK = 2**21  # mask elements sampled, or given to the flash kernel, at a time (8 MiB as float32)
+FLASH = True  # the fast path (fused kernels, fast sampler); False: the explicit path everywhere
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -52,9 +50,10 @@ def layer_drop_ratios(drop_ratio, depth, schedule="decreasing"):
     decreasing: the paper's Scheduled-down, linear from d in the first layer
                 to 0 in the last, d * (depth - 1 - i) / (depth - 1).
     increasing: its exact reverse, linear from 0 in the first layer to d.
-    We end the line at 0 (not at some d_min) so that both schedules have the
-    same mean ratio d / 2 and differ only in where the dropping happens.
-    A single layer gets d under every schedule.
+    The paper gives no endpoints; ending the line at 0 is this project's
+    choice: both schedules then have the same mean ratio d / 2 and differ only
+    in where the dropping happens (the decreasing one equals timm's stochastic
+    depth rates, linspace(0, d, depth), reversed). A single layer gets d.
     """
     _check_ratio(drop_ratio)
     if schedule not in SCHEDULES:
@@ -69,47 +68,16 @@ def layer_drop_ratios(drop_ratio, depth, schedule="decreasing"):
 
 # ----------------------------------------------------------------------------- masks
 
-def _random_words(device, generator):
-    """A function count -> `count` random int64 words, all 64 bits random.
-
-    On CPU the bits come from numpy's SFC64, seeded from torch's generator (so
-    torch.manual_seed and `generator` still fix every mask): measured 2-4x
-    faster here than torch's CPU generator (mt19937, one core). Elsewhere
-    torch's own generator, given the full int64 range (plain random_() gives
-    only 63 random bits).
-    """
-    if torch.device(device or "cpu").type == "cpu":
-        seed = torch.empty((), dtype=torch.int64).random_(generator=generator).item()
-        sfc64 = np.random.SFC64(seed)
-        return lambda count: torch.from_numpy(sfc64.random_raw(count).view(np.int64))
-    return lambda count: torch.empty(count, dtype=torch.int64, device=device).random_(
-        -2**63, None, generator=generator)
-
-
 def bernoulli_mask(shape, prob, *, device=None, generator=None):
-    """Boolean tensor of `shape`, each element True with probability `prob`.
+    """Boolean tensor of `shape`, each element True independently with probability `prob`.
 
-    Fast and exact enough: one random 64-bit word gives four 16-bit uniforms,
-    each compared with a threshold, so the probability is `prob` rounded to a
-    1/65536 grid (error <= 7.6e-6, far inside a 4-sigma bound for any sample
-    that fits in memory; a 1/256 grid would not be). This is ~8x faster than
-    `torch.rand(shape) < prob`. Done MASK_CHUNK elements at a time, so the
-    random words stay in cache, and compared in place (`lt_`: ~3x faster than
-    `<` on CPU).
+    With dropkey.FLASH on a CPU (outside torch.compile) the bits come from the
+    fast sampler of the last section: the same distribution, another random
+    stream. Either way torch.manual_seed or `generator` fixes every mask.
     """
-    numel = math.prod(shape)
-    if prob <= 0:
-        return torch.zeros(shape, dtype=torch.bool, device=device)
-    if prob >= 1:
-        return torch.ones(shape, dtype=torch.bool, device=device)
-    threshold = round(prob * 65536) - 32768
-    draw = _random_words(device, generator)
-    mask = torch.empty(numel, dtype=torch.bool, device=device)
-    for a in range(0, numel, MASK_CHUNK):  # chunks of the flat mask, never a loop over tokens
-        b = min(a + MASK_CHUNK, numel)
-        uniform16 = draw((b - a + 3) // 4).view(torch.int16)[:b - a]  # uniform on [-32768, 32767]
-        mask[a:b] = uniform16.lt_(threshold)                           # 1 where uniform16 < threshold
-    return mask.view(shape)
+    if _fast_sampler(device):
+        return _bernoulli_bits(shape, prob, generator)
+    return torch.rand(shape, device=device, generator=generator) < prob
 
 
 def _dilate(x, s, dim):
@@ -139,7 +107,7 @@ def seed_rate(mode, drop_ratio, grid, block_size):
 
 
 def _structured_drop(lead, mode, drop_ratio, grid, block_size, device, generator):
-    """Dropped keys on the patch grid, (*lead, n_h * n_w), for DropKey-Block or -Cross."""
+    """Dropped keys on the patch grid, (*lead, n_h * n_w), for DropKey-Block or -Cross (Fig. 2)."""
     n_h, n_w = grid
     s = block_size
     gamma = seed_rate(mode, drop_ratio, grid, block_size)
@@ -156,16 +124,15 @@ def _structured_drop(lead, mode, drop_ratio, grid, block_size, device, generator
 
 def sample_keep_mask(shape, mode="dropkey", drop_ratio=0.0, *, grid=None, prefix_tokens=1,
                      block_size=3, device=None, generator=None):
-    """Sample a keep mask (True = key kept) of `shape` = (B, H, N, N) for `mode`.
+    """Sample a keep mask (True = key kept) of `shape` = (..., Nq, Nk) for `mode`.
 
-    Every (batch, head, query) row gets its own independent mask: the paper
-    "generate[s] masked key map for each query" (Sec. 3.2).
+    Every query row gets its own independent mask: the paper "generate[s]
+    masked key map for each query" (Sec. 3.2).
       vanilla, dropattention, dropkey: each key dropped with probability d (Eq. 12).
-      dropkey_block, dropkey_cross: seeds on the n_h x n_w patch grid, each
-        dropping an s x s window or s full rows and columns (Fig. 2). The first
-        `prefix_tokens` keys (the class token) are not on the grid: each is
-        dropped independently with probability d, as in plain DropKey, so
-        every key is dropped at a rate close to d.
+      dropkey_block, dropkey_cross: seeds on the n_h x n_w patch grid of the
+        keys, each dropping an s x s window or s full rows and columns (Fig. 2).
+        The first `prefix_tokens` keys (the class token) are not on the grid:
+        each is dropped independently with probability d, as in plain DropKey.
     The all-dropped rule is *not* applied here (see `fall_back`), so that the
     raw mask can be inspected.
     """
@@ -175,207 +142,183 @@ def sample_keep_mask(shape, mode="dropkey", drop_ratio=0.0, *, grid=None, prefix
     _check_grid(grid, n_keys, prefix_tokens, block_size)
     prefix_drop = bernoulli_mask((*lead, prefix_tokens), drop_ratio, device=device, generator=generator)
     grid_drop = _structured_drop(lead, mode, drop_ratio, grid, block_size, device, generator)
-    return ~torch.cat([prefix_drop, grid_drop], dim=-1)                # (B, H, N, N)
+    return ~torch.cat([prefix_drop, grid_drop], dim=-1)                # (..., Nq, Nk)
 
 
-def fall_back(keep):
-    """A row with no kept key keeps every key: no NaN, the row's undropped weights."""
-    dead = keep.view(torch.uint8).amax(dim=-1, keepdim=True) == 0     # (B, H, N, 1); amax: 2-30x faster than any()
-    return keep | dead if dead.any() else keep                         # (B, H, N, N)
+def allowed_keys(attn_mask, is_causal, Nq, Nk, device):
+    """The keys each query may attend to, from SDPA's `attn_mask` and `is_causal`.
+
+    A boolean attn_mask is True where attention is allowed (SDPA's meaning); a
+    float one is a bias added to the logits, and its -inf entries count as not
+    allowed. is_causal allows key j for query i when j <= i (the top-left
+    triangle, as SDPA); it composes with attn_mask.
+    Returns (allowed, bias): bool broadcastable to (..., Nq, Nk) or None (all
+    allowed), and the float bias or None.
+    """
+    allowed, bias = None, None
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        allowed = attn_mask
+    elif attn_mask is not None:
+        bias = attn_mask
+        allowed = attn_mask != float("-inf")
+    if is_causal:
+        causal = torch.ones(Nq, Nk, dtype=torch.bool, device=device).tril()  # (Nq, Nk)
+        allowed = causal if allowed is None else allowed & causal
+    return allowed, bias
+
+
+def fall_back(keep, allowed=None):
+    """Drop only among the allowed keys; a query whose allowed keys are all dropped keeps them.
+
+    keep: bool (..., Nq, Nk), True = kept; allowed: bool broadcastable to it,
+    or None (every key allowed). The paper's Eq. 1 is 0/0 for a row with
+    nothing kept; we give it the undropped weights over its allowed keys (never
+    a padded or future key). A row with no allowed key stays empty: its
+    weights are zeros, as in SDPA. No branch on the data (no host sync).
+    """
+    kept = keep if allowed is None else keep & allowed                  # (..., Nq, Nk)
+    nothing_kept = ~kept.any(dim=-1, keepdim=True)                     # (..., Nq, 1)
+    return kept | (nothing_kept if allowed is None else nothing_kept & allowed)
 
 
 # ----------------------------------------------------------------------------- attention
 
-def dropped_weights(logits, keep, mode, drop_ratio):
-    """Attention weights after `mode`'s drop, given logits and a keep mask, (B, H, N, N).
+def masked_softmax(logits, mask):
+    """softmax over the keys where `mask` is True (Eq. 14: the logits plus d_j in {0, -inf}).
+
+    mask: bool broadcastable to logits, or None (every key). A row with no
+    True key gives zeros (as SDPA does), not the NaN of softmax(-inf, ..., -inf).
+    """
+    if mask is None:
+        return logits.softmax(dim=-1)                                  # Eq. 2
+    masked = torch.where(mask, logits, float("-inf"))                  # Eq. 12: d_j = -inf where dropped
+    weights = masked.softmax(dim=-1)                                   # Eq. 14
+    return torch.where(mask.any(dim=-1, keepdim=True), weights, 0.0)   # (..., Nq, Nk)
+
+
+def dropped_weights(logits, keep, mode, drop_ratio, allowed=None):
+    """Attention weights under `mode`'s drop, given logits and a raw keep mask, (..., Nq, Nk).
 
     dropkey (and -block, -cross), Eq. 12-14: d_j = -inf on the logits, then softmax.
     dropattention, Eq. 1: p = softmax(logits), zero the dropped p_j, re-normalise.
-    vanilla: p = softmax(logits), zero the dropped p_j, scale by 1 / (1 - d).
-    `keep` must already have been through `fall_back`. If every kept p_j of a
-    row underflows to 0 (kept logits ~100 below the row's largest in float32),
-    Eq. 1 is 0/0 and dropattention keeps p; the fused path, which works on the
-    logits like Eq. 14, still gets the re-normalised weights.
+      Both drop among the `allowed` keys with `fall_back`; they are equal,
+      except where every kept p_j underflows to 0 (kept logits ~100 below the
+      row's largest in float32): Eq. 1 is then 0/0 and keeps p.
+    vanilla: nn.Dropout on the weights, F.dropout(p, d) under this mask: the
+      kept p_j scaled by 1 / (1 - d); rows no longer sum to 1, and a row with
+      every key dropped is zeros.
+    none: p itself.
     """
-    if mode in MASK_BEFORE_SOFTMAX:
-        masked = torch.where(keep, logits, float("-inf"))              # Eq. 12: logits + d_j, d_j in {0, -inf}
-        return masked.softmax(dim=-1)                                  # Eq. 14
-    p = logits.softmax(dim=-1)                                         # Eq. 2
-    kept = torch.where(keep, p, 0.0)                                   # d_j p_j, d_j in {0, 1}
+    if mode in ("dropkey",) + STRUCTURED_MODES:
+        return masked_softmax(logits, fall_back(keep, allowed))        # Eq. 12-14
+    p = masked_softmax(logits, allowed)                                # Eq. 2
     if mode == "vanilla":
-        return kept / (1.0 - drop_ratio)                               # rows no longer sum to 1
-    total = kept.sum(dim=-1, keepdim=True)                             # (B, H, N, 1)
-    return torch.where(total > 0, kept / total, p)                     # Eq. 1 (p if every kept p_j underflowed)
+        return torch.where(keep, p, 0.0) / (1.0 - drop_ratio)          # nn.Dropout's rule
+    if mode == "none":
+        return p
+    kept = torch.where(fall_back(keep, allowed), p, 0.0)               # k_j p_j, k_j in {0, 1}
+    total = kept.sum(dim=-1, keepdim=True)                             # (..., Nq, 1)
+    return torch.where(total > 0, kept / total, p)                     # Eq. 1
 
 
-def additive_mask(keep, dtype):
-    """The mask D of Eq. 12 as numbers: 0 where kept, -inf where dropped, (B, H, N, N).
+def attention(query, key, value, attn_mask=None, drop_ratio=0.0, is_causal=False, scale=None, *,
+              mode="dropkey", training=True, keep_mask=None, grid=None, prefix_tokens=1,
+              block_size=3, generator=None, return_weights=False):
+    """`F.scaled_dot_product_attention` with the attention dropout of `mode` (Eq. 12-14 for DropKey).
 
-    Written as bits, ~8x faster on CPU than torch.where(keep, 0, -inf): a
-    dropped key gets the bit pattern of -inf, a kept one that of +0.0.
-    """
-    bits = {torch.float64: torch.int64, torch.float32: torch.int32}.get(dtype, torch.int16)
-    minus_inf = torch.tensor(float("-inf"), dtype=dtype).view(bits).item()  # 0xFF800000 for float32
-    return (~keep).to(bits).mul_(minus_inf).view(dtype)                # 0 * pattern = +0.0
-
-
-def _batch_slices(shape):
-    """Slices of the batch of a (B, H, N, N) mask with at most MASK_CHUNK elements each (at least one row).
-
-    Work on N x N tensors goes a slice at a time: a fresh allocation of more
-    than 32 MiB is page-faulted in on every call (glibc hands it out by mmap).
-    """
-    B, *rest = shape
-    rows = max(1, MASK_CHUNK // max(1, math.prod(rest)))
-    return [slice(a, a + rows) for a in range(0, max(B, 1), rows)]
-
-
-def _cat(parts):
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-class _FusedMaskedAttention(torch.autograd.Function):
-    """SDPA's CPU flash kernel with a keep mask, keeping the *boolean* mask for backward.
-
-    F.scaled_dot_product_attention turns a boolean mask into a float one and
-    keeps that for backward (4 bytes per mask element); this keeps the
-    boolean (1 byte) and rebuilds the float mask in backward. Same kernels,
-    same outputs and gradients.
-
-    The float mask is built for a slice of the batch at a time (`_batch_slices`):
-    a small one stays in cache and is not page-faulted in on every call, which
-    at N = 257 cost more than the kernel's own work with the mask.
-
-    The all-dropped rule costs almost nothing here: the kernel returns a zero
-    output and a log-sum-exp of exactly 0 for a row with every key masked,
-    so only when some lse is 0 (or not finite) do we look for such rows in the
-    mask (`fall_back`) and run the kernel again. At N = 65 and d = 0.3 an
-    all-dropped row has probability 0.3^65 ~ 1e-34.
-    """
-
-    @staticmethod
-    def _forward(q, k, v, keep):
-        parts = [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[s], k[s], v[s], 0.0, False, attn_mask=additive_mask(keep[s], q.dtype))
-            for s in _batch_slices(keep.shape)]
-        return _cat([out for out, _ in parts]), _cat([lse for _, lse in parts])  # (B, H, N, D), (B, H, N)
-
-    @staticmethod
-    def forward(ctx, q, k, v, keep):
-        out, lse = _FusedMaskedAttention._forward(q, k, v, keep)
-        if (lse == 0).any() or not lse.isfinite().all():               # maybe an all-dropped row
-            keep = fall_back(keep)
-            out, lse = _FusedMaskedAttention._forward(q, k, v, keep)
-        ctx.save_for_backward(q, k, v, out, lse, keep)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, keep = ctx.saved_tensors
-        parts = [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out[s], q[s], k[s], v[s], out[s], lse[s], 0.0, False,
-            attn_mask=additive_mask(keep[s], q.dtype)) for s in _batch_slices(keep.shape)]
-        return (*(_cat(grads) for grads in zip(*parts)), None)      # dq, dk, dv, no grad for keep
-
-
-def _sdpa(q, k, v, keep):
-    """Fused attention; keep (bool, True = take part) is the -inf of Eq. 12, or None.
-
-    Applies the all-dropped rule itself: SDPA would return zeros for such a row.
-    """
-    if keep is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
-        return _FusedMaskedAttention.apply(q, k, v, keep)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if keep is None else fall_back(keep))
-
-
-def _use_fused(fused):
-    """fused=None follows dropkey.FUSED: SDPA measured faster here at N = 65 and 257 (README, Performance)."""
-    return FUSED if fused is None else fused
-
-
-def attention(q, k, v, mode="dropkey", drop_ratio=0.0, training=True, *, grid=None,
-              prefix_tokens=1, block_size=3, keep_mask=None, mc_samples=0, align=None, generator=None,
-              return_weights=False, fused=None):
-    """Scaled dot-product attention with the attention dropout of `mode`.
+    Replacing `F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=p)`
+    by `dropkey.attention(q, k, v, attn_mask=m, drop_ratio=p, training=self.training)`
+    is the whole change: arguments, shapes and mask meaning are SDPA's.
 
     Args:
-      q, k, v: (B, H, N, D). mode: one of MODES. drop_ratio: d in [0, 1).
-      training: drop only when True; at evaluation every mode is plain
-        attention softmax(q k^T / sqrt(D)) v, unless `mc_samples` = T > 0 with
-        a dropping mode: then the dropped, re-normalised weights are averaged
-        over T independent masks and multiplied with v (Monte-Carlo Align
-        Expectation, Table 4). That average runs without autograd.
-      align: None / "none", or "exact": at evaluation the weights become
-        their exact expectation `expected_weights(p, d)` (the limit T -> inf
-        of mc_samples, Eq. 3), without autograd. dropkey and dropattention
-        drop keys independently and share it; vanilla's is p (1 + d^N / (1 - d)),
-        p up to its all-dropped row; for dropkey_block / dropkey_cross it is
-        not defined (ValueError: use mc_samples).
-      grid: (n_h, n_w) patch grid, required by dropkey_block / dropkey_cross;
-        prefix_tokens: tokens before the grid (the class token);
-        block_size: s, window size of the structured modes.
-      keep_mask: bool, (B, H, N, N) or broadcastable, True = kept; replaces
-        sampling (training only), so two modes can run on one mask.
-      generator: torch.Generator for the masks. return_weights: also return
-        the weights multiplied with v. fused: True forces SDPA, False the
-        explicit path, None picks the faster where exact (off if dropkey.FUSED
-        is False).
-    Returns:
-      out (B, H, N, D), or (out, weights (B, H, N, N)) with return_weights.
+      query (..., Nq, E), key (..., Nk, E), value (..., Nk, Ev); leading
+        dimensions broadcast (e.g. one key/value head for many query heads).
+      attn_mask: bool (True = may attend) or float (added to the logits),
+        broadcastable to (..., Nq, Nk). is_causal: query i sees keys j <= i.
+        scale: of the logits, default 1 / sqrt(E).
+      drop_ratio: d in [0, 1). mode: one of MODES. training: drop only when
+        True; otherwise this is exactly SDPA (see `aligned_attention` for the
+        paper's evaluation with expected weights).
+      keep_mask: bool broadcastable to (..., Nq, Nk), True = kept; replaces the
+        sampled mask (training only), so modes can be compared under one mask.
+      grid, prefix_tokens, block_size: the patch grid (n_h, n_w) of the keys,
+        the tokens before it, and s, for dropkey_block / dropkey_cross.
+      generator: a torch.Generator on the device of the tensors.
+      return_weights: also return the weights multiplied with value (takes
+        the explicit path).
+    Dropping composes with attn_mask and is_causal: keys are dropped among
+    those a query may attend to (`fall_back`). Returns out (..., Nq, Ev), or
+    (out, weights (..., Nq, Nk)).
     """
-    _check_inputs(q, k, v, mode, drop_ratio, mc_samples, align)
-    if keep_mask is not None and (mode == "none" or not training):
-        raise ValueError("keep_mask is only used by a dropping mode in training")
-    B, H, N, D = q.shape
-    sample = dict(grid=grid, prefix_tokens=prefix_tokens, block_size=block_size,
-                  device=q.device, generator=generator)
-    dropping = mode != "none" and (keep_mask is not None or (training and drop_ratio > 0))
-    if not training and mode != "none" and mc_samples > 0:
-        return _monte_carlo(q, k, v, mode, drop_ratio, mc_samples, sample, return_weights)
-    if not training and mode != "none" and align == "exact":
-        if mode in STRUCTURED_MODES:
-            raise ValueError(f"align='exact' is not defined for {mode}: its drops are not "
-                             f"independent; use mc_samples=T instead")
-        if drop_ratio > 0:
-            return _exact(q, k, v, mode, drop_ratio, return_weights)
+    lead = _check_attention(query, key, value, attn_mask, drop_ratio, is_causal, scale, mode,
+                            training, keep_mask, generator)
+    Nq, Nk = query.shape[-2], key.shape[-2]
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    dropping = mode != "none" and training and (keep_mask is not None or drop_ratio > 0)
     keep = None                                                        # None: nothing dropped
-    if dropping:
-        keep = keep_mask if keep_mask is not None else sample_keep_mask((B, H, N, N), mode, drop_ratio, **sample)
-        keep = keep.expand(B, H, N, N)                                 # (B, H, N, N)
-    if _use_fused(fused) and not return_weights and (not dropping or mode in RENORMALISING):
-        return _sdpa(q, k, v, keep)                                    # Eq. 12-14 (= Eq. 1), fused
-    if dropping:
-        keep = fall_back(keep)                                         # (B, H, N, N)
-    parts = [_explicit(q[s], k[s], v[s], None if keep is None else keep[s], mode, drop_ratio)
-             for s in _batch_slices((B, H, N, N))]                     # see _batch_slices
-    out = _cat([out for out, _ in parts])                              # (B, H, N, D)
-    return (out, _cat([weights for _, weights in parts])) if return_weights else out
-
-
-def _explicit(q, k, v, keep, mode, drop_ratio):
-    """Attention written out, (out (B, H, N, D), weights (B, H, N, N)); keep: None (no drop) or after fall_back."""
-    logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5           # (B, H, N, N)
+    if dropping and keep_mask is None:
+        keep = sample_keep_mask((*lead, Nq, Nk), mode, drop_ratio, grid=grid, prefix_tokens=prefix_tokens,
+                                block_size=block_size, device=query.device, generator=generator)
+    elif dropping:
+        keep = keep_mask                                               # (..., Nq, Nk), broadcastable
+    if FLASH and not return_weights:
+        out = _flash_attention(query, key, value, attn_mask, is_causal, scale, keep, mode)
+        if out is not None:
+            return out
+    allowed, bias = allowed_keys(attn_mask, is_causal, Nq, Nk, query.device)  # (..., Nq, Nk) or None
+    logits = (query @ key.transpose(-2, -1)) * scale                   # (..., Nq, Nk), q k^T / sqrt(E)
+    if bias is not None:
+        logits = logits + bias                                         # a float attn_mask
     if keep is None:
-        weights = logits.softmax(dim=-1)                               # Eq. 2
+        weights = masked_softmax(logits, allowed)                      # Eq. 2
     else:
-        weights = dropped_weights(logits, keep, mode, drop_ratio)      # (B, H, N, N)
-    return weights @ v, weights                                        # Eq. 13
+        weights = dropped_weights(logits, keep, mode, drop_ratio, allowed)  # Eq. 1, 12-14, or nn.Dropout
+    out = weights @ value                                              # Eq. 13, (..., Nq, Ev)
+    return (out, weights) if return_weights else out
 
+
+# ----------------------------------------------------------------------------- Align Expectation
 
 @torch.no_grad()
-def _monte_carlo(q, k, v, mode, drop_ratio, samples, sample, return_weights):
-    """Average the dropped weights over `samples` masks, then @ v (Align Expectation, Sec. 3.2).
+def aligned_attention(query, key, value, attn_mask=None, drop_ratio=0.0, is_causal=False, scale=None, *,
+                      mode="dropkey", mc_samples=0, grid=None, prefix_tokens=1, block_size=3,
+                      generator=None, return_weights=False):
+    """Evaluation with the expected dropped weights: Align Expectation (Sec. 3.2, Table 4).
 
-    One mask at a time: memory does not grow with the number of samples.
+    mc_samples = T > 0: the paper's Monte-Carlo alignment, the dropped weights
+    averaged over T independent masks, then @ value. mc_samples = 0: the exact
+    expectation, the limit T -> inf: c_j p_j of Eq. 3 (`expected_weights`) for
+    dropkey and dropattention; p itself for vanilla (nn.Dropout's rule keeps
+    E[w] = p); not defined for dropkey_block / dropkey_cross, whose drops are
+    not independent (ValueError: use mc_samples). Masks compose as in
+    `attention`. No autograd. Returns out, or (out, weights) with return_weights.
     """
-    B, H, N, D = q.shape
-    logits = (q @ k.transpose(-2, -1)) * D ** -0.5                     # (B, H, N, N)
-    total = torch.zeros_like(logits, dtype=torch.float32)
-    for _ in range(samples):
-        keep = fall_back(sample_keep_mask(logits.shape, mode, drop_ratio, **sample))
-        total += dropped_weights(logits, keep, mode, drop_ratio)
-    weights = (total / samples).to(v.dtype)                            # estimate of c_j p_j (Eq. 3)
-    out = weights @ v                                                  # (B, H, N, D)
+    lead = _check_attention(query, key, value, attn_mask, drop_ratio, is_causal, scale, mode,
+                            False, None, generator)
+    if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 0:
+        raise ValueError(f"mc_samples must be a non-negative integer, got {mc_samples!r}")
+    if mc_samples == 0 and mode in STRUCTURED_MODES:
+        raise ValueError(f"exact alignment is not defined for {mode}: its drops are not "
+                         f"independent; use mc_samples=T instead")
+    Nq, Nk = query.shape[-2], key.shape[-2]
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    allowed, bias = allowed_keys(attn_mask, is_causal, Nq, Nk, query.device)
+    logits = (query @ key.transpose(-2, -1)) * scale                   # (..., Nq, Nk)
+    if bias is not None:
+        logits = logits + bias
+    p = masked_softmax(logits, allowed)                                # Eq. 2
+    if mode == "none" or drop_ratio == 0 or (mc_samples == 0 and mode == "vanilla"):
+        weights = p                                                    # nothing to align
+    elif mc_samples == 0:
+        weights = expected_weights(p, drop_ratio)                      # c_j p_j, Eq. 3
+    else:
+        total = torch.zeros_like(logits, dtype=torch.float32)          # one mask at a time
+        for _ in range(mc_samples):
+            keep = sample_keep_mask((*lead, Nq, Nk), mode, drop_ratio, grid=grid, prefix_tokens=prefix_tokens,
+                                    block_size=block_size, device=query.device, generator=generator)
+            total += dropped_weights(logits, keep, mode, drop_ratio, allowed)
+        weights = (total / mc_samples).to(value.dtype)                 # estimate of c_j p_j (Eq. 3)
+    out = weights @ value                                              # (..., Nq, Ev)
     return (out, weights) if return_weights else out
 
 
@@ -498,64 +441,239 @@ def expected_weights(weights, drop_ratio):
     return out.to(weights.dtype).reshape(shape)
 
 
-@torch.no_grad()
-def _exact(q, k, v, mode, drop_ratio, return_weights):
-    """Exact Align Expectation: E[w] @ v, the limit of `_monte_carlo` as T -> infinity (Eq. 3)."""
-    B, H, N, D = q.shape
-    logits = (q @ k.transpose(-2, -1)) * D ** -0.5                     # (B, H, N, N)
-    p = logits.softmax(dim=-1)                                         # Eq. 2
-    if mode == "vanilla":  # E[k_j p_j / (1 - d)] = p_j, plus the all-dropped row's p_j / (1 - d)
-        weights = p * (1 + drop_ratio ** N / (1 - drop_ratio))
-    else:
-        weights = expected_weights(p, drop_ratio)                      # (B, H, N, N), c_j p_j
-    out = weights @ v                                                  # (B, H, N, D)
-    return (out, weights) if return_weights else out
-
 
 # ----------------------------------------------------------------------------- checks
 
 def _check_ratio(drop_ratio):
-    if not (isinstance(drop_ratio, (int, float)) and 0.0 <= drop_ratio < 1.0):
+    if isinstance(drop_ratio, bool) or not (isinstance(drop_ratio, (int, float)) and 0.0 <= drop_ratio < 1.0):
         raise ValueError(f"drop_ratio must be a number in [0, 1), got {drop_ratio!r}")
 
 
 def _check_grid(grid, n_keys, prefix_tokens, block_size):
     if grid is None:
-        raise ValueError("dropkey_block and dropkey_cross need grid=(n_h, n_w), the patch grid")
+        raise ValueError("dropkey_block and dropkey_cross need grid=(n_h, n_w), the patch grid of the keys")
     if len(grid) != 2 or grid[0] * grid[1] != n_keys - prefix_tokens:
-        raise ValueError(f"grid {tuple(grid)} does not match {n_keys} tokens with "
+        raise ValueError(f"grid {tuple(grid)} does not match {n_keys} keys with "
                          f"prefix_tokens={prefix_tokens}: need n_h * n_w == {n_keys - prefix_tokens}")
     if not 1 <= block_size <= min(grid):
         raise ValueError(f"block_size must be between 1 and {min(grid)} for grid {tuple(grid)}, got {block_size}")
 
 
-def _check_inputs(q, k, v, mode, drop_ratio, mc_samples, align=None):
+def _check_mask(name, mask, target, device):
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(mask).__name__}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but query is on {device}")
+    try:
+        fits = torch.broadcast_shapes(mask.shape, target) == target
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to (..., Nq, Nk) = {tuple(target)}")
+
+
+def _check_attention(query, key, value, attn_mask, drop_ratio, is_causal, scale, mode, training,
+                     keep_mask, generator):
+    """Every argument of `attention` checked, each mistake one ValueError; returns the broadcast leading shape."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     _check_ratio(drop_ratio)
-    if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
-        raise ValueError(f"q, k, v must all be (B, H, N, D) of one shape, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not isinstance(mc_samples, int) or mc_samples < 0:
-        raise ValueError(f"mc_samples must be a non-negative integer, got {mc_samples!r}")
-    if align not in (None, "none", "exact"):
-        raise ValueError(f"align must be None, 'none' or 'exact', got {align!r}")
-    if align == "exact" and mc_samples > 0:
-        raise ValueError("use either mc_samples or align='exact', not both")
+    tensors = dict(query=query, key=key, value=value)
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or t.dim() < 2 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor (..., N, E), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+                             f"{' of ' + str(t.dtype) if isinstance(t, torch.Tensor) else ''}")
+    if len({t.device for t in tensors.values()}) > 1:
+        raise ValueError(f"query, key, value are on different devices: {query.device}, {key.device}, {value.device}")
+    if len({t.dtype for t in tensors.values()}) > 1 and not torch.is_autocast_enabled(query.device.type):
+        raise ValueError(f"query, key, value have different dtypes: {query.dtype}, {key.dtype}, {value.dtype}")
+    if query.shape[-1] != key.shape[-1] or key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"need query (..., Nq, E), key (..., Nk, E), value (..., Nk, Ev); got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    if query.shape[-2] == 0 or key.shape[-2] == 0:
+        raise ValueError(f"empty sequence: Nq = {query.shape[-2]}, Nk = {key.shape[-2]}; attention needs "
+                         f"at least one query and one key")
+    try:
+        lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"the leading dimensions of query, key, value do not broadcast: "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}") from None
+    target = (*lead, query.shape[-2], key.shape[-2])
+    if attn_mask is not None:
+        _check_mask("attn_mask", attn_mask, target, query.device)
+        if not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+            raise ValueError(f"attn_mask must be bool (True = may attend) or float (added to the logits), "
+                             f"got {attn_mask.dtype}")
+    if not isinstance(is_causal, bool):
+        raise ValueError(f"is_causal must be True or False, got {is_causal!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise ValueError(f"scale must be a number or None, got {scale!r}")
+    if keep_mask is not None:
+        if mode == "none" or not training:
+            raise ValueError("keep_mask is only used by a dropping mode in training")
+        _check_mask("keep_mask", keep_mask, target, query.device)
+        if keep_mask.dtype != torch.bool:
+            raise ValueError(f"keep_mask must be bool (True = kept), got {keep_mask.dtype}")
+    if generator is not None and generator.device.type != query.device.type:
+        raise ValueError(f"generator is on {generator.device} but the tensors are on {query.device}; "
+                         f"pass a torch.Generator(device={query.device.type!r})")
+    return lead
+
+
+# ----------------------------------------------------------------------------- the fast path
+# Everything below gives the numbers of the explicit path above, faster; dropkey.FLASH = False skips it.
+
+MASK_CHUNK = 2**21  # mask elements sampled, or given to the CPU kernel, at a time (8 MiB as float32)
+
+
+def _fast_sampler(device):
+    return FLASH and torch.device(device or "cpu").type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _bernoulli_bits(shape, prob, generator):
+    """`bernoulli_mask` on the CPU, ~7x faster than torch.rand(shape) < prob.
+
+    The bits come from numpy's SFC64 (a small-state counter-mixing generator
+    that passes PractRand and BigCrush), seeded from torch's CPU generator, so
+    torch.manual_seed and `generator` still fix every mask. One 64-bit word
+    gives four 16-bit uniforms, each compared with a threshold: the
+    probability is `prob` rounded to a 1/65536 grid (error <= 7.6e-6, far
+    inside a 4-sigma bound for any sample that fits in memory). Done
+    MASK_CHUNK elements at a time, so the words stay in cache.
+    """
+    numel = math.prod(shape)
+    if prob <= 0 or prob >= 1:
+        return torch.full(shape, prob >= 1, dtype=torch.bool)
+    threshold = round(prob * 65536) - 32768
+    seed = torch.empty((), dtype=torch.int64).random_(generator=generator).item()
+    sfc64 = np.random.SFC64(seed)
+    mask = torch.empty(numel, dtype=torch.bool)
+    for a in range(0, numel, MASK_CHUNK):  # chunks of the flat mask, never a loop over tokens
+        b = min(a + MASK_CHUNK, numel)
+        words = torch.from_numpy(sfc64.random_raw((b - a + 3) // 4).view(np.int64))
+        uniform16 = words.view(torch.int16)[:b - a]                    # uniform on [-32768, 32767]
+        mask[a:b] = uniform16.lt_(threshold)                           # True where uniform16 < threshold
+    return mask.view(shape)
+
+
+def additive_mask(keep, dtype):
+    """The mask D of Eq. 12 as numbers: 0 where kept, -inf where dropped.
+
+    Written as bits, ~8x faster on CPU than torch.where(keep, 0, -inf): a
+    dropped key gets the bit pattern of -inf, a kept one that of +0.0.
+    """
+    bits = {torch.float64: torch.int64, torch.float32: torch.int32}.get(dtype, torch.int16)
+    minus_inf = torch.tensor(float("-inf"), dtype=dtype).view(bits).item()  # 0xFF800000 for float32
+    return (~keep).to(bits).mul_(minus_inf).view(dtype)                # 0 * pattern = +0.0
+
+
+def _private_op(name):
+    """A private aten op, or None where this torch lacks it (then public SDPA is used)."""
+    version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    return getattr(torch.ops.aten, name, None) if version >= (2, 3) else None
+
+
+# SDPA's own CPU flash kernel, called directly so that backward can keep a boolean mask.
+_CPU_FLASH = _private_op("_scaled_dot_product_flash_attention_for_cpu")
+_CPU_FLASH_BACKWARD = _private_op("_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def _batch_slices(B, per_item):
+    """Slices of a batch of B items with at most MASK_CHUNK mask elements each (at least one item).
+
+    A fresh float mask of more than 32 MiB is page-faulted in on every call
+    (glibc hands it out by mmap); a slice of it stays in cache.
+    """
+    rows = max(1, MASK_CHUNK // max(1, per_item))
+    return [slice(a, a + rows) for a in range(0, max(B, 1), rows)]
+
+
+def _slice_mask(keep, bias, s, dtype):
+    """The float mask of batch slice s: bias (or 0) where kept, -inf where not."""
+    if bias is None:
+        return additive_mask(keep[s], dtype)
+    return torch.where(keep[s], bias[s].to(dtype), float("-inf"))
+
+
+class _FlashCPU(torch.autograd.Function):
+    """SDPA's CPU flash kernel under a keep mask, keeping the *boolean* mask for backward.
+
+    F.scaled_dot_product_attention with a boolean mask turns it into a float
+    one and keeps that for backward (4 bytes per mask element); this keeps the
+    boolean (1 byte) and rebuilds the float mask, a batch slice at a time, in
+    backward. Same kernels, same outputs and gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep, bias, scale):
+        slices = _batch_slices(q.shape[0], math.prod(keep.shape[1:]))
+        parts = [_CPU_FLASH(q[s], k[s], v[s], 0.0, False, attn_mask=_slice_mask(keep, bias, s, q.dtype), scale=scale)
+                 for s in slices]
+        out = torch.cat([o for o, _ in parts])                         # (B, H, Nq, E)
+        lse = torch.cat([lse for _, lse in parts])                     # (B, H, Nq)
+        ctx.save_for_backward(q, k, v, out, lse, keep, bias)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, keep, bias = ctx.saved_tensors
+        slices = _batch_slices(q.shape[0], math.prod(keep.shape[1:]))
+        parts = [_CPU_FLASH_BACKWARD(grad_out[s], q[s], k[s], v[s], out[s], lse[s], 0.0, False,
+                                     attn_mask=_slice_mask(keep, bias, s, q.dtype), scale=ctx.scale)
+                 for s in slices]
+        dq, dk, dv = (torch.cat(grads) for grads in zip(*parts))
+        return dq, dk, dv, None, None, None
+
+
+def _cpu_flash_fits(q, k, v, bias):
+    """Whether _FlashCPU can run these inputs: CPU eager, float32/bfloat16, (B, H, N, E) of one layout."""
+    return (_CPU_FLASH is not None and _CPU_FLASH_BACKWARD is not None and q.device.type == "cpu"
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+            and q.dtype in (torch.float32, torch.bfloat16) and q.dim() == 4
+            and q.shape[:2] == k.shape[:2] == v.shape[:2] and q.shape[-1] == v.shape[-1]
+            and (bias is None or not bias.requires_grad))
+
+
+def _flash_attention(query, key, value, attn_mask, is_causal, scale, keep, mode):
+    """`attention` from fused kernels; None where they cannot give its numbers (the explicit path runs).
+
+    No drop: SDPA itself. DropKey, its structured variants and DropAttention
+    (Eq. 1 = Eq. 14): SDPA with the allowed-and-kept keys as its mask, after
+    `fall_back`. Vanilla dropout is not a masked softmax: explicit path.
+    """
+    Nq, Nk = query.shape[-2], key.shape[-2]
+    if keep is None and not (attn_mask is not None and is_causal):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask, is_causal=is_causal, scale=scale)
+    allowed, bias = allowed_keys(attn_mask, is_causal, Nq, Nk, query.device)
+    if keep is None:                                                   # attn_mask and is_causal: SDPA takes one
+        mask = allowed if bias is None else torch.where(allowed, bias, float("-inf"))
+        return F.scaled_dot_product_attention(query, key, value, mask, scale=scale)
+    if mode == "vanilla":
+        return None
+    lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    keep = fall_back(keep, allowed).expand(*lead, Nq, Nk)              # (..., Nq, Nk)
+    if bias is not None:
+        bias = bias.expand(*lead, Nq, Nk)
+    if _cpu_flash_fits(query, key, value, bias):
+        return _FlashCPU.apply(query, key, value, keep, bias, scale)
+    mask = keep if bias is None else torch.where(keep, bias, float("-inf"))
+    return F.scaled_dot_product_attention(query, key, value, mask, scale=scale)
 
 
 # ----------------------------------------------------------------------------- benchmark
-# `python dropkey.py` times every mode against plain attention (see README, Performance).
+# `python dropkey.py` times every mode against plain SDPA, forward + backward (README, Performance).
 
-def _algorithm1(q, k, v, drop_ratio):
-    """The paper's Algorithm 1, written out as published: a float Bernoulli mask times -1e12."""
+def algorithm1(q, k, v, drop_ratio):
+    """The paper's Algorithm 1, as published: a float Bernoulli mask times -1e12 (a reference to time)."""
     attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5            # (B, H, N, N)
     m_r = torch.ones_like(attn) * drop_ratio
     attn = attn + torch.bernoulli(m_r) * -1e12
     return attn.softmax(dim=-1) @ v                                    # (B, H, N, D)
 
 
-def _saved_bytes(fn):
+def saved_bytes(fn):
     """Bytes of the distinct storages that autograd keeps for backward while running fn()."""
     storages = {}
 
@@ -568,15 +686,15 @@ def _saved_bytes(fn):
     return sum(storages.values())
 
 
-def _time_rounds(fns, runs, device):
-    """Wall times in ms of every fn in `fns` (a dict), {name: [ms per round]}, after 3 warm-ups each.
+def time_rounds(fns, runs, device):
+    """Wall times in ms of every fn of the dict `fns`, {name: [ms per round]}, after 3 warm-ups each.
 
-    Each round calls every fn once, in a fresh random order: a drift of the
-    machine (a busy neighbour, a slower core) hits every row alike, and no row
-    always runs right after one that leaves the allocator or caches cold.
+    Each round calls every fn once, in a fresh random order, so a drift of the
+    machine hits every row alike.
     """
     import random
     import time
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for fn in fns.values():
         for _ in range(3):
             fn()
@@ -584,131 +702,62 @@ def _time_rounds(fns, runs, device):
     order = random.Random(0)
     for _ in range(runs):
         for name in order.sample(list(fns), len(fns)):
-            fn = fns[name]
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            fns[name]()
+            sync()
             times[name].append((time.perf_counter() - start) * 1e3)
     return times
 
 
-def _median(xs):
+def median(xs):
     return sorted(xs)[len(xs) // 2]
 
 
-def _paired(times, base):
+def paired_ratio(times, base):
     """Median over rounds of time / base time in the same round: steadier than a ratio of medians."""
-    return _median([t / b for t, b in zip(times, base)])
+    return median([t / b for t, b in zip(times, base)])
 
 
-def _bench_attention(B, H, N, D, runs, dtype, device, drop_ratio=0.3):
+def _bench(B, H, N, D, runs, dtype, device, drop_ratio=0.3):
     side = math.isqrt(N - 1)
     q, k, v = (torch.randn(B, H, N, D, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
-    cases = {"none (fused SDPA)": lambda: attention(q, k, v, "none", fused=True),
-             "none (explicit)": lambda: attention(q, k, v, "none", fused=False)}
+    cases = {"SDPA, no dropout": lambda: F.scaled_dot_product_attention(q, k, v)}
     for mode in DROPPING_MODES:
-        cases[mode] = lambda mode=mode: attention(q, k, v, mode, drop_ratio, grid=(side, side), block_size=3)
-    cases["paper Algorithm 1"] = lambda: _algorithm1(q, k, v, drop_ratio)
-    saved = {name: _saved_bytes(fn) for name, fn in cases.items()}
-    grad = torch.randn_like(q)  # a dense gradient, as in training (sum().backward() sends a stride-0 one)
-    times = _time_rounds({name: (lambda fn=fn: fn().backward(grad)) for name, fn in cases.items()},
-                         runs, device)
-    fastest = min(["none (fused SDPA)", "none (explicit)"], key=lambda name: _median(times[name]))
-    print(f"\nfwd+bwd of one attention op, B={B} H={H} N={N} D={D} {str(dtype)[6:]} on {device}, "
-          f"d={drop_ratio}, {runs} rounds; mask elements: {B * H * N * N:,}")
-    print(f"{'mode':<20}{'median ms':>10}{'min-max':>15}{'x ' + fastest:>22}{'saved MB':>10}")
+        cases[mode] = lambda mode=mode: attention(q, k, v, drop_ratio=drop_ratio, mode=mode,
+                                                  grid=(side, side), block_size=min(3, side))
+    cases["paper Algorithm 1"] = lambda: algorithm1(q, k, v, drop_ratio)
+    saved = {name: saved_bytes(fn) for name, fn in cases.items()}
+    grad = torch.randn_like(q)  # a dense gradient, as in training
+    times = time_rounds({name: (lambda fn=fn: fn().backward(grad)) for name, fn in cases.items()}, runs, device)
+    base = times["SDPA, no dropout"]
+    print(f"\nfwd+bwd, (B, H, N, D) = ({B}, {H}, {N}, {D}), {str(dtype)[6:]} on {device}, d = {drop_ratio}, "
+          f"{runs} rounds; mask elements: {B * H * N * N:,}")
+    print(f"{'mode':<20}{'median ms':>10}{'x SDPA':>8}{'saved MB':>10}")
     for name, ts in times.items():
-        print(f"{name:<20}{_median(ts):10.2f}{f'{min(ts):.1f}-{max(ts):.1f}':>15}"
-              f"{_paired(ts, times[fastest]):22.2f}{saved[name] / 2**20:10.1f}")
-    print(f"dropkey is {_paired(times['paper Algorithm 1'], times['dropkey']):.2f}x faster than "
-          f"the paper's Algorithm 1 (x columns: median of per-round ratios)")
-
-
-def _bench_vit(patch_size, batch, runs, device):
-    """Images/s of a training step per mode (round-robin), and the cost of evaluation with alignment."""
-    import vit as vit_module  # the ViT of vit.py; Algorithm 1 is swapped in for its reference row
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    original = vit_module.dropkey.attention
-
-    def algorithm1(q, k, v, mode, drop_ratio, training, **kw):
-        if training and drop_ratio > 0:
-            return _algorithm1(q, k, v, drop_ratio)
-        return original(q, k, v, mode, drop_ratio, training, **kw)
-
-    models, steps = {}, {}
-    # "none, 2nd copy" is the same model again: its ratio to none is the resolution of the x column
-    for name in ["none", "none, 2nd copy", "vanilla", "dropkey", "paper Algorithm 1"]:
-        torch.manual_seed(0)
-        mode = {"none, 2nd copy": "none", "paper Algorithm 1": "dropkey"}.get(name, name)
-        model = models[name] = vit_module.ViT(patch_size=patch_size, attn_drop_mode=mode).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-        def step(model=model, opt=opt, swap=name == "paper Algorithm 1"):
-            vit_module.dropkey.attention = algorithm1 if swap else original
-            try:
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            finally:
-                vit_module.dropkey.attention = original
-        steps[name] = step
-    train = _time_rounds(steps, runs, device)
-    model = models["dropkey"].eval()
-
-    def evaluate(mc_samples=0, align="none"):
-        model.mc_samples, model.align = mc_samples, align
-        with torch.no_grad():
-            model(x)
-        model.mc_samples, model.align = 0, "none"
-    evals = _time_rounds({"plain": evaluate, "MC-10": lambda: evaluate(mc_samples=10),
-                          "exact": lambda: evaluate(align="exact")}, runs, device)
-    print(f"\ntraining step (forward, backward, AdamW) of the default ViT, patch {patch_size} "
-          f"(N={(32 // patch_size) ** 2 + 1}), batch {batch}, on {device}, {runs} rounds")
-    print(f"{'mode':<20}{'images/s':>10}{'step ms':>10}{'min-max':>15}{'x none':>8}")
-    for name, ts in train.items():
-        print(f"{name:<20}{batch / _median(ts) * 1e3:10.1f}{_median(ts):10.1f}"
-              f"{f'{min(ts):.0f}-{max(ts):.0f}':>15}{_paired(ts, train['none']):8.3f}")
-    print(f"evaluation of the dropkey model: plain {_median(evals['plain']):.1f} ms, Monte-Carlo with "
-          f"10 masks {_paired(evals['MC-10'], evals['plain']):.2f}x, exact expectation "
-          f"{_paired(evals['exact'], evals['plain']):.2f}x")
+        print(f"{name:<20}{median(ts):10.2f}{paired_ratio(ts, base):8.2f}{saved[name] / 2**20:10.1f}")
+    print(f"dropkey is {paired_ratio(times['paper Algorithm 1'], times['dropkey']):.2f}x faster than "
+          f"Algorithm 1 (x: median of per-round ratios)")
 
 
 def _main():
     import argparse
-    parser = argparse.ArgumentParser(description="Benchmark every attention-dropout mode (fwd+bwd) "
-                                     "and a full ViT training step.",
+    parser = argparse.ArgumentParser(description="Time every attention-dropout mode (fwd+bwd) against SDPA.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    parser.add_argument("--shapes", default="128,3,65,64;32,3,257,64;32,4,257,32", help="B,H,N,D;... (N = 1 + square; '' skips)")
+    parser.add_argument("--shapes", default="128,3,65,64;32,3,257,64;32,4,257,32",
+                        help="B,H,N,D;... with N - 1 a square (the patch grid)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--runs", type=int, default=30, help="rounds: each times every row once (after 3 warm-ups)")
-    parser.add_argument("--vit-patches", default="4,2", help="patch sizes for the ViT training step ('' skips)")
-    parser.add_argument("--vit-batch", type=int, default=128)
-    parser.add_argument("--vit-runs", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--runs", type=int, default=30, help="rounds: each times every row once")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available here")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
     try:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";") if s]
-        patches = [int(p) for p in args.vit_patches.split(",") if p]
-        assert all(len(s) == 4 and math.isqrt(s[2] - 1) ** 2 == s[2] - 1 for s in shapes)
+        assert all(len(s) == 4 and s[2] > 1 and math.isqrt(s[2] - 1) ** 2 == s[2] - 1 for s in shapes)
     except (ValueError, AssertionError):
-        parser.error("--shapes is B,H,N,D;... with N - 1 a square, --vit-patches is sizes like 4,2")
+        parser.error("--shapes is B,H,N,D;... with N - 1 a square")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for shape in shapes:
-        _bench_attention(*shape, args.runs, getattr(torch, args.dtype), device)
-    for patch in patches:
-        _bench_vit(patch, args.vit_batch, args.vit_runs, device)
+        _bench(*shape, args.runs, getattr(torch, args.dtype), torch.device(args.device))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Evaluation extras used by the paper's experiments:
   model(x, drop_patches=0.5)       -> half the patch tokens removed (Table 3)
   model.mc_samples = T             -> Monte-Carlo Align Expectation in eval (Table 4)
   model.align = "exact"            -> its T -> infinity limit in closed form (dropkey.expected_weights)
+Both go through `dropkey.aligned_attention`; training goes through `dropkey.attention`.
 """
 import torch
 import torch.nn as nn
@@ -27,14 +28,21 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
+    def extra_repr(self):
+        return f"heads={self.heads}, mode={self.mode!r}, drop_ratio={self.drop_ratio:.3g}"
+
     def forward(self, x, return_weights=False, mc_samples=0, align="none"):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads)   # (B, N, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                              # 3 x (B, H, N, D)
         grid = self.grid if N == 1 + self.grid[0] * self.grid[1] else None  # None once patches are removed
-        result = dropkey.attention(q, k, v, self.mode, self.drop_ratio, self.training,
-                                   grid=grid, prefix_tokens=1, block_size=self.block_size,
-                                   mc_samples=mc_samples, align=align, return_weights=return_weights)
+        structure = dict(grid=grid, prefix_tokens=1, block_size=self.block_size, return_weights=return_weights)
+        if not self.training and self.mode != "none" and (mc_samples > 0 or align == "exact"):
+            result = dropkey.aligned_attention(q, k, v, drop_ratio=self.drop_ratio, mode=self.mode,
+                                               mc_samples=mc_samples, **structure)  # Table 4
+        else:
+            result = dropkey.attention(q, k, v, drop_ratio=self.drop_ratio, mode=self.mode,
+                                       training=self.training, **structure)
         out, weights = result if return_weights else (result, None)
         out = out.transpose(1, 2).reshape(B, N, C)                        # (B, N, C)
         return self.proj(out), weights
@@ -132,7 +140,42 @@ def cls_attention_entropy(weights):
     return -(p * p.clamp_min(1e-30).log()).sum(-1).mean(-1)               # (B,)
 
 
+def benchmark_step(patch_size=4, batch=128, runs=10, device="cpu"):
+    """Images/s of one training step (forward, backward, AdamW) per mode, timed round-robin.
+
+    "none, 2nd copy" is the none model again: its ratio to none is the
+    resolution of the "x none" column on this machine.
+    """
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    steps = {}
+    for name in ["none", "none, 2nd copy", "vanilla", "dropkey"]:
+        torch.manual_seed(0)
+        model = ViT(patch_size=patch_size, attn_drop_mode=name.split(",")[0]).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def step(model=model, opt=opt):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        steps[name] = step
+    times = dropkey.time_rounds(steps, runs, device)
+    print(f"training step of the default ViT, patch {patch_size} (N = {(32 // patch_size) ** 2 + 1}), "
+          f"batch {batch}, {device}, {runs} rounds")
+    print(f"{'mode':<16}{'images/s':>10}{'step ms':>10}{'x none':>8}")
+    for name, ts in times.items():
+        print(f"{name:<16}{batch / dropkey.median(ts) * 1e3:10.1f}{dropkey.median(ts):10.1f}"
+              f"{dropkey.paired_ratio(ts, times['none']):8.3f}")
+    return times
+
+
 if __name__ == "__main__":
+    import sys
+    if sys.argv[1:2] == ["--benchmark"]:  # python vit.py --benchmark [patch_size [runs]]
+        patch, runs = (int(a) for a in (sys.argv[2:] + ["4", "10"][len(sys.argv) - 2:])[:2])
+        benchmark_step(patch, runs=runs, device="cuda" if torch.cuda.is_available() else "cpu")
+        sys.exit()
     torch.manual_seed(0)
     model = ViT()
     print(model)
