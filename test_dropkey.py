@@ -42,11 +42,14 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-# ============================================================================ core: dropkey.py, vit.py
+# ============================================================================ shared helpers
 
-def _qkv(B=4, H=3, N=17, D=8, seed=0, dtype=torch.float32, grad=False):
+DEVICE = torch.device(os.environ.get("DROPKEY_TEST_DEVICE", "cpu"))  # e.g. cuda: the device-generic tests run there
+
+
+def _qkv(B=4, H=3, N=17, D=8, seed=0, dtype=torch.float32, grad=False, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, H, N, D, generator=g).to(dtype).requires_grad_(grad) for _ in range(3)]
+    return [torch.randn(B, H, N, D, generator=g).to(device, dtype).requires_grad_(grad) for _ in range(3)]
 
 
 def _softmax_weights(q, k):
@@ -54,12 +57,21 @@ def _softmax_weights(q, k):
     return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
 
 
-def _reference(q, k, v, keep, mode, d):
-    """Independent reference: Eq. 2 softmax, then zero dropped weights and re-normalise (Eq. 1) or rescale."""
-    p = _softmax_weights(q, k)
-    keep = keep | ~keep.any(-1, keepdim=True)         # the all-dropped rule, written again
-    w = p * keep
-    w = w / (1 - d) if mode == "vanilla" else w / w.sum(-1, keepdim=True)
+def _reference(q, k, v, keep, mode, d, allowed=None):
+    """Independent reference: Eq. 2, then zero the dropped weights and re-normalise (Eq. 1), or nn.Dropout.
+
+    allowed: which keys each query may see (None: all); dropping happens among them, and a row whose
+    allowed keys are all dropped keeps them; a row with no allowed key is zeros.
+    """
+    logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    allowed = torch.ones_like(logits, dtype=torch.bool) if allowed is None else allowed.expand_as(logits)
+    p = torch.softmax(logits.masked_fill(~allowed, -math.inf), -1).nan_to_num(0.0)
+    if mode == "vanilla":
+        w = p * keep / (1 - d)
+    else:
+        kept = keep & allowed
+        kept = torch.where(kept.any(-1, keepdim=True), kept, allowed)   # the fall-back, written again
+        w = (p * kept) / (p * kept).sum(-1, keepdim=True).clamp_min(1e-30)
     return w @ v, w
 
 
@@ -72,180 +84,90 @@ def _assert_all_close(results, expected, tol=1e-5):
     for a, b in zip(results, expected, strict=True):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
+
 def _four_sigma(d, n):
     return 4 * math.sqrt(d * (1 - d) / n)
+
+
+@contextlib.contextmanager
+def _flash(on):
+    """dropkey.FLASH set to `on` for the block: the fast path (True) or the explicit one (False)."""
+    old, dropkey.FLASH = dropkey.FLASH, on
+    try:
+        yield
+    finally:
+        dropkey.FLASH = old
+
+
+def _attend(q, k, v, mode="dropkey", d=0.0, flash=True, **kw):
+    with _flash(flash):
+        return dropkey.attention(q, k, v, drop_ratio=d, mode=mode, **kw)
+
+
+def _gen(seed, device="cpu"):
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 STRUCTURED = dict(grid=(4, 4), prefix_tokens=1, block_size=2)  # N = 17
 
 
+# ============================================================================ Sec. 3.2, Table 1: schedules
+
+def test_sec_3_2_layer_drop_ratios_constant_decreasing_increasing():
+    assert dropkey.layer_drop_ratios(0.3, 4, "constant") == [0.3] * 4
+    dec = dropkey.layer_drop_ratios(0.3, 4, "decreasing")
+    torch.testing.assert_close(torch.tensor(dec), torch.tensor([0.3, 0.2, 0.1, 0.0]))
+    assert dropkey.layer_drop_ratios(0.3, 4, "increasing") == dec[::-1]
+    assert dropkey.layer_drop_ratios(0.3, 1, "decreasing") == [0.3]
+
+
+# ============================================================================ Eq. 12, Fig. 2: masks
+
 @pytest.mark.parametrize("d", [0.1, 0.3, 0.5])
-def test_dropkey_realised_drop_rate_within_4_sigma(d):
-    q, k, v = _qkv(B=16, H=4, N=65, seed=1)
-    _, w = dropkey.attention(q, k, v, "dropkey", d, return_weights=True,
-                             generator=torch.Generator().manual_seed(2))
-    n = w.numel()                                     # 270k Bernoulli(d) draws
-    assert abs((w == 0).float().mean().item() - d) < _four_sigma(d, n)
+@pytest.mark.parametrize("flash", [True, False])             # the fast CPU sampler, torch.rand
+def test_eq_12_each_key_is_dropped_at_rate_d_within_4_sigma(d, flash):
+    with _flash(flash):
+        keep = dropkey.sample_keep_mask((16, 4, 65, 65), "dropkey", d, generator=_gen(2))
+    n = keep.numel()                                  # 270k Bernoulli(d) draws
+    assert abs((~keep).float().mean().item() - d) < _four_sigma(d, n)
 
 
 @pytest.mark.parametrize("d", [0.1, 0.3])
-def test_bernoulli_mask_rate_at_large_sample_size(d):
+def test_eq_12_fast_sampler_rate_at_large_sample_size(d):
     n = 20_000_000                                    # 4 sigma ~ 5e-4 at d = 0.1: a 63-bit or 1/256 grid fails
-    m = dropkey.bernoulli_mask((n,), d, generator=torch.Generator().manual_seed(3))
+    m = dropkey.bernoulli_mask((n,), d, generator=_gen(3))
     assert abs(m.float().mean().item() - d) < _four_sigma(d, n)
 
 
-def test_bernoulli_mask_words_are_independent():
+def test_eq_12_fast_sampler_neighbours_sharing_a_word_are_independent():
     n = 4_000_000                                     # neighbours share a 64-bit word: their joint rate is d^2
-    m = dropkey.bernoulli_mask((n // 2, 2), 0.5, generator=torch.Generator().manual_seed(4))
+    m = dropkey.bernoulli_mask((n // 2, 2), 0.5, generator=_gen(4))
     both = (m[:, 0] & m[:, 1]).float().mean().item()
     assert abs(both - 0.25) < _four_sigma(0.25, n // 2)
 
 
-@pytest.mark.parametrize("mode", ["dropattention", "dropkey", "dropkey_block", "dropkey_cross"])
-@pytest.mark.parametrize("fused", [True, False])
-def test_rows_sum_to_one(mode, fused):
-    q, k, v = _qkv(seed=5)
-    _, w = dropkey.attention(q, k, v, mode, 0.5, return_weights=True, fused=fused, **STRUCTURED)
-    assert (w == 0).any()
-    torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]), atol=1e-6, rtol=0)
-
-
-def test_vanilla_scales_kept_weights_by_one_over_one_minus_d():
-    q, k, v = _qkv(seed=6)
-    d = 0.3
-    keep = dropkey.sample_keep_mask((4, 3, 17, 17), "vanilla", d, generator=torch.Generator().manual_seed(7))
-    _, w = dropkey.attention(q, k, v, "vanilla", d, keep_mask=keep, return_weights=True)
-    p = _softmax_weights(q, k)
-    torch.testing.assert_close(w[keep], p[keep] / (1 - d), atol=1e-6, rtol=1e-6)
-    assert (w[~keep] == 0).all()
-    assert (w.sum(-1) - 1).abs().max() > 0.05        # rows no longer sum to 1
-
-
-@pytest.mark.parametrize("mode", dropkey.MODES)
-def test_eval_mode_equals_plain_attention(mode):
-    q, k, v = _qkv(seed=8)
-    plain = dropkey.attention(q, k, v, "none", 0.0)
-    out = dropkey.attention(q, k, v, mode, 0.5, training=False, **STRUCTURED)
-    assert torch.equal(out, plain)
-
-
-@pytest.mark.parametrize("N", [17, 257])             # 257 > 128: the fused SDPA path on CPU
-def test_dropkey_equals_dropattention_and_reference_under_one_mask(N):
-    q, k, v = _qkv(B=2, N=N, seed=9, grad=True)
-    keep = dropkey.sample_keep_mask((2, 3, N, N), "dropkey", 0.4, generator=torch.Generator().manual_seed(10))
-    keep[0, 0, 3] = False                             # one fully dropped row: falls back to p
-    expected = _out_and_grads(_reference(q, k, v, keep, "dropkey", 0.4)[0], (q, k, v))
-    outs = {}
-    for mode in ["dropkey", "dropattention"]:
-        for fused in [True, False]:
-            out = dropkey.attention(q, k, v, mode, 0.4, keep_mask=keep, fused=fused)
-            _assert_all_close(_out_and_grads(out, (q, k, v)), expected)
-            outs[mode, fused] = out
-    assert (outs["dropkey", False] - outs["dropattention", False]).abs().max() <= 1e-6
-    _, w = dropkey.attention(q, k, v, "dropkey", 0.4, keep_mask=keep, return_weights=True)
-    torch.testing.assert_close(w[0, 0, 3], torch.softmax(q[0, 0, 3] @ k[0, 0].T / math.sqrt(8), -1))
-
-
-@pytest.mark.parametrize("mode, fused", [("dropkey", True), ("dropattention", True), ("vanilla", None),
-                                         ("dropkey", False), ("none", False)])
-def test_batch_slices_of_mask_chunk_elements_equal_reference(mode, fused, monkeypatch):
-    """Fused and explicit paths take the batch in slices of <= MASK_CHUNK mask elements; an all-dropped row sits in a later one."""
-    monkeypatch.setattr(dropkey, "MASK_CHUNK", 2 * 3 * 17 * 17)       # slices of 2 of the 5 batch rows
-    q, k, v = _qkv(B=5, N=17, seed=40, grad=True)
-    keep = dropkey.sample_keep_mask((5, 3, 17, 17), "dropkey", 0.4, generator=torch.Generator().manual_seed(41))
-    keep[3, 1, 6] = False                             # in the second slice
-    if mode == "none":
-        keep = torch.ones_like(keep)
-    ref_out, ref_weights = _reference(q, k, v, keep, mode, 0.4)
-    expected = _out_and_grads(ref_out, (q, k, v))
-    out = dropkey.attention(q, k, v, mode, 0.4, keep_mask=None if mode == "none" else keep, fused=fused)
-    _assert_all_close(_out_and_grads(out, (q, k, v)), expected)
-    _, weights = dropkey.attention(q, k, v, mode, 0.4, keep_mask=None if mode == "none" else keep,
-                                   fused=fused, return_weights=True)  # always the explicit path, in slices
-    _assert_all_close([weights], [ref_weights])
-
-
-@pytest.mark.parametrize("mode, fused", [("dropkey", True), ("vanilla", None), ("none", False)])
-def test_an_empty_batch_gives_an_empty_output(mode, fused):
-    q, k, v = _qkv(B=0, grad=True)
-    out = dropkey.attention(q, k, v, mode, 0.3, fused=fused)
-    assert out.shape == (0, 3, 17, 8)
-    out.sum().backward()
-    assert q.grad.shape == q.shape
-
-
-def test_fused_path_takes_q_k_v_and_gradients_in_the_vit_layout():
-    """vit.py hands over q, k, v as strided views of one projection and gets a strided gradient back."""
-    B, N, H, D = 3, 17, 3, 8
-    qkv = torch.randn(B, N, 3, H, D, generator=torch.Generator().manual_seed(46), requires_grad=True)
-    keep = dropkey.sample_keep_mask((B, H, N, N), "dropkey", 0.4, generator=torch.Generator().manual_seed(47))
-    keep[2, 0, 5] = False
-    w = torch.randn(B, N, H * D, generator=torch.Generator().manual_seed(48))
-    results = []
-    for fused in [True, False]:
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                          # 3 x (B, H, N, D), not contiguous
-        out = dropkey.attention(q, k, v, "dropkey", 0.4, keep_mask=keep, fused=fused)
-        y = out.transpose(1, 2).reshape(B, N, H * D)                  # as vit.py does
-        results.append((out, *torch.autograd.grad((y * w).sum(), qkv)))
-    _assert_all_close(*results)
-
-
-def test_fused_bfloat16_with_an_all_dropped_row_matches_the_float32_reference():
-    q, k, v = _qkv(B=2, N=65, D=16, seed=42, dtype=torch.bfloat16, grad=True)
-    keep = dropkey.sample_keep_mask((2, 3, 65, 65), "dropkey", 0.5, generator=torch.Generator().manual_seed(43))
-    keep[1, 2, 0] = False
-    out = dropkey.attention(q, k, v, "dropkey", 0.5, keep_mask=keep, fused=True)
-    ref_out, _ = _reference(q.float(), k.float(), v.float(), keep, "dropkey", 0.5)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), ref_out, atol=3e-2, rtol=3e-2)   # bfloat16: 8-bit mantissa
-    out.float().square().sum().backward()
-    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_additive_mask_is_plus_zero_or_minus_inf(dtype):
-    keep = torch.tensor([[True, False, True], [False, False, True]])
-    m = dropkey.additive_mask(keep, dtype)
-    assert m.dtype == dtype and m.shape == keep.shape
-    assert (m[keep] == 0).all() and not torch.signbit(m[keep]).any()
-    assert torch.isneginf(m[~keep]).all()
-
-
-def test_bernoulli_mask_follows_the_torch_seed_and_not_the_chunk_size(monkeypatch):
+def test_eq_12_masks_follow_the_torch_seed_and_not_the_chunk_size(monkeypatch):
     shape = (3, 1000)
     torch.manual_seed(44)
     a = dropkey.bernoulli_mask(shape, 0.3)
     torch.manual_seed(44)
     b = dropkey.bernoulli_mask(shape, 0.3)
     monkeypatch.setattr(dropkey, "MASK_CHUNK", 12)     # 250 chunks of 3 words each
-    c = dropkey.bernoulli_mask(shape, 0.3, generator=torch.Generator().manual_seed(45))
+    c = dropkey.bernoulli_mask(shape, 0.3, generator=_gen(45))
     monkeypatch.undo()
-    d = dropkey.bernoulli_mask(shape, 0.3, generator=torch.Generator().manual_seed(45))
+    d = dropkey.bernoulli_mask(shape, 0.3, generator=_gen(45))
     assert torch.equal(a, b) and torch.equal(c, d)
     assert not torch.equal(a, c)
 
 
-def test_benchmark_runs_and_prints_every_row(capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["dropkey.py", "--shapes", "2,2,17,8", "--runs", "1",
-                                      "--vit-patches", "16", "--vit-batch", "2", "--vit-runs", "1"])
-    with _one_thread():
-        dropkey._main()
-    printed = capsys.readouterr().out
-    for row in [*dropkey.MODES[1:], "none (fused SDPA)", "none (explicit)", "paper Algorithm 1",
-                "faster than the paper's Algorithm 1", "images/s", "none, 2nd copy", "exact expectation"]:
-        assert row in printed
-
-
-def test_masks_differ_across_queries_heads_and_batch():
-    keep = dropkey.sample_keep_mask((2, 2, 65, 65), "dropkey", 0.5, generator=torch.Generator().manual_seed(11))
+def test_eq_12_masks_differ_across_queries_heads_and_batch():
+    keep = dropkey.sample_keep_mask((2, 2, 65, 65), "dropkey", 0.5, generator=_gen(11))
     assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
     assert not torch.equal(keep[0, 0], keep[0, 1])
     assert not torch.equal(keep[0], keep[1])
-    # and per query in the structured modes: rows of one head differ
     block = dropkey.sample_keep_mask((1, 1, 65, 65), "dropkey_block", 0.5, grid=(8, 8), block_size=2,
-                                     generator=torch.Generator().manual_seed(12))
-    assert len({tuple(row.tolist()) for row in block[0, 0]}) > 32
+                                     generator=_gen(12))
+    assert len({tuple(row.tolist()) for row in block[0, 0]}) > 32   # per query in the structured modes too
 
 
 def _grid_drop(keep, grid):
@@ -253,7 +175,7 @@ def _grid_drop(keep, grid):
 
 
 @pytest.mark.parametrize("s", [1, 2, 3])
-def test_block_mask_is_a_union_of_s_by_s_windows(s):
+def test_fig_2_block_mask_is_a_union_of_s_by_s_windows(s):
     keep = dropkey.sample_keep_mask((2, 2, 65, 65), "dropkey_block", 0.3, grid=(8, 8), block_size=s,
                                     generator=torch.Generator().manual_seed(13))
     drop = _grid_drop(keep, (8, 8)).reshape(-1, 1, 8, 8)
@@ -263,7 +185,7 @@ def test_block_mask_is_a_union_of_s_by_s_windows(s):
 
 
 @pytest.mark.parametrize("s", [1, 2])
-def test_cross_mask_is_a_union_of_full_rows_and_columns(s):
+def test_fig_2_cross_mask_is_a_union_of_full_rows_and_columns(s):
     keep = dropkey.sample_keep_mask((2, 2, 65, 65), "dropkey_cross", 0.3, grid=(8, 8), block_size=s,
                                     generator=torch.Generator().manual_seed(14))
     drop = _grid_drop(keep, (8, 8)).bool()
@@ -287,7 +209,7 @@ def _exact_structured_rate(mode, d, n, s):
 
 
 @pytest.mark.parametrize("mode,s", [("dropkey_block", 3), ("dropkey_block", 5), ("dropkey_cross", 1), ("dropkey_cross", 3)])
-def test_structured_drop_rate_matches_its_exact_expectation_and_is_near_d(mode, s):
+def test_sec_3_2_structured_drop_rate_matches_its_exact_expectation_and_is_near_d(mode, s):
     d = 0.3
     keep = dropkey.sample_keep_mask((32, 4, 65, 65), mode, d, grid=(8, 8), block_size=s,
                                     generator=torch.Generator().manual_seed(15))
@@ -299,7 +221,7 @@ def test_structured_drop_rate_matches_its_exact_expectation_and_is_near_d(mode, 
 
 
 @pytest.mark.parametrize("mode", ["dropkey_block", "dropkey_cross"])
-def test_structured_modes_drop_the_class_token_key_independently_at_rate_d(mode):
+def test_fig_2_structured_modes_drop_the_class_token_key_independently_at_rate_d(mode):
     keep = dropkey.sample_keep_mask((64, 4, 65, 65), mode, 0.3, grid=(8, 8), block_size=3,
                                     generator=torch.Generator().manual_seed(16))
     cls = ~keep[..., 0]                                               # (B, H, N)
@@ -309,173 +231,302 @@ def test_structured_modes_drop_the_class_token_key_independently_at_rate_d(mode)
     assert abs(cls[grid_any].float().mean().item() - 0.3) < _four_sigma(0.3, int(grid_any.sum()))
 
 
-@pytest.mark.parametrize("mode", dropkey.DROPPING_MODES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_extreme_drop_ratio_gives_no_nan(mode, dtype):
-    q, k, v = _qkv(B=8, N=5, seed=17, dtype=dtype)
-    opts = dict(grid=(2, 2), prefix_tokens=1, block_size=1)
-    for fused in [True, False]:
-        out, w = dropkey.attention(q, k, v, mode, 0.999, return_weights=True, fused=fused, **opts)
-        assert torch.isfinite(out).all() and torch.isfinite(w).all()
-        assert out.dtype == dtype
-        assert torch.isfinite(dropkey.attention(q, k, v, mode, 0.999, fused=fused, **opts)).all()
+
+# ============================================================================ Eq. 1, 12-14: the attention op
+
+@pytest.mark.parametrize("mode", ["dropattention", "dropkey", "dropkey_block", "dropkey_cross"])
+@pytest.mark.parametrize("flash", [True, False])
+def test_eq_1_and_14_rows_sum_to_one(mode, flash):
+    q, k, v = _qkv(seed=5)
+    _, w = _attend(q, k, v, mode, 0.5, flash, return_weights=True, **STRUCTURED)
+    assert (w == 0).any()
+    torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("mode", ["vanilla", "dropattention", "dropkey"])
-def test_fully_dropped_row_falls_back_to_undropped_weights(mode):
+@pytest.mark.parametrize("N", [17, 257])
+def test_eq_14_dropkey_equals_eq_1_dropattention_and_the_reference_under_one_mask(N):
+    q, k, v = _qkv(B=2, N=N, seed=9, grad=True)
+    keep = dropkey.sample_keep_mask((2, 3, N, N), "dropkey", 0.4, generator=_gen(10))
+    keep[0, 0, 3] = False                             # one fully dropped row: falls back to p
+    expected = _out_and_grads(_reference(q, k, v, keep, "dropkey", 0.4)[0], (q, k, v))
+    outs = {}
+    for mode in ["dropkey", "dropattention"]:
+        for flash in [True, False]:
+            out = _attend(q, k, v, mode, 0.4, flash, keep_mask=keep)
+            _assert_all_close(_out_and_grads(out, (q, k, v)), expected)
+            outs[mode, flash] = out
+    assert (outs["dropkey", False] - outs["dropattention", False]).abs().max() <= 1e-6
+    _, w = _attend(q, k, v, "dropkey", 0.4, keep_mask=keep, return_weights=True)
+    torch.testing.assert_close(w[0, 0, 3], torch.softmax(q[0, 0, 3] @ k[0, 0].T / math.sqrt(8), -1))
+
+
+def test_vanilla_is_nn_dropout_on_the_weights_exactly():
+    """F.dropout(p, d) with torch's own mask, replayed as keep_mask: the same weights, an all-dropped row zeros."""
+    q, k, v = _qkv(B=2, H=2, N=5, seed=6)
+    d = 0.6
+    p = _softmax_weights(q, k)
+    torch.manual_seed(7)
+    dropped = F.dropout(p, d)                         # what timm's attn_drop does
+    torch.manual_seed(7)
+    keep = F.dropout(torch.ones_like(p), d) > 0       # the same draw, as a keep mask
+    assert (~keep).all(-1).any()                      # some row has every key dropped
+    _, w = _attend(q, k, v, "vanilla", d, keep_mask=keep, return_weights=True)
+    torch.testing.assert_close(w, dropped, atol=1e-6, rtol=1e-6)
+    assert (w[(~keep).all(-1)] == 0).all()
+    assert (w.sum(-1) - 1).abs().max() > 0.05        # rows no longer sum to 1
+
+
+@pytest.mark.parametrize("mode", ["dropattention", "dropkey"])
+def test_eq_1_fully_dropped_row_falls_back_to_the_undropped_weights(mode):
     q, k, v = _qkv(seed=18)
     keep = torch.zeros(4, 3, 17, 17, dtype=torch.bool)               # every key dropped
-    _, w = dropkey.attention(q, k, v, mode, 0.5, keep_mask=keep, return_weights=True)
-    p = _softmax_weights(q, k)
-    torch.testing.assert_close(w, p / 0.5 if mode == "vanilla" else p)
+    _, w = _attend(q, k, v, mode, 0.5, keep_mask=keep, return_weights=True)
+    torch.testing.assert_close(w, _softmax_weights(q, k))
+
+
+@pytest.mark.parametrize("mode", dropkey.DROPPING_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_eq_14_extreme_drop_ratio_gives_no_nan(mode, dtype):
+    q, k, v = _qkv(B=8, N=5, seed=17, dtype=dtype)
+    opts = dict(grid=(2, 2), prefix_tokens=1, block_size=1)
+    for flash in [True, False]:
+        out, w = _attend(q, k, v, mode, 0.999, flash, return_weights=True, **opts)
+        assert torch.isfinite(out).all() and torch.isfinite(w).all() and out.dtype == dtype
+        assert torch.isfinite(_attend(q, k, v, mode, 0.999, flash, **opts)).all()
 
 
 @pytest.mark.parametrize("mode", dropkey.MODES)
-def test_gradients_flow_to_q_k_v(mode):
+def test_eq_13_gradients_flow_to_q_k_v(mode):
     q, k, v = _qkv(seed=19, grad=True)
-    dropkey.attention(q, k, v, mode, 0.3, **STRUCTURED).square().sum().backward()
+    _attend(q, k, v, mode, 0.3, **STRUCTURED).square().sum().backward()
     for t in (q, k, v):
         assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("mode", dropkey.MODES)
+def test_eval_is_exactly_sdpa(mode):
+    q, k, v = _qkv(seed=8)
+    out = _attend(q, k, v, mode, 0.5, training=False, **STRUCTURED)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+
+
 def test_keep_mask_broadcasts_and_generator_reproduces():
     q, k, v = _qkv(seed=20)
-    keep = dropkey.sample_keep_mask((1, 1, 17, 17), "dropkey", 0.5, generator=torch.Generator().manual_seed(21))
-    _, w = dropkey.attention(q, k, v, "dropkey", 0.5, keep_mask=keep, return_weights=True)
+    keep = dropkey.sample_keep_mask((1, 1, 17, 17), "dropkey", 0.5, generator=_gen(21))
+    _, w = _attend(q, k, v, "dropkey", 0.5, keep_mask=keep, return_weights=True)
     assert torch.equal(w == 0, (~dropkey.fall_back(keep)).expand(4, 3, 17, 17))
-    a = dropkey.attention(q, k, v, "dropkey", 0.5, generator=torch.Generator().manual_seed(22))
-    b = dropkey.attention(q, k, v, "dropkey", 0.5, generator=torch.Generator().manual_seed(22))
+    a = _attend(q, k, v, "dropkey", 0.5, generator=_gen(22))
+    b = _attend(q, k, v, "dropkey", 0.5, generator=_gen(22))
     assert torch.equal(a, b)
 
 
-def test_monte_carlo_alignment_matches_enumerated_expectation():
-    """At eval, mc_samples=T averages the re-normalised weights: E[w_j] = c_j p_j (Eq. 3)."""
-    q, k, v = (t[:1].expand(500, 1, 4, 8) for t in _qkv(B=1, H=1, N=4, seed=23))  # 500 copies of one row set
-    d, T = 0.5, 8                                                    # 500 x 8 = 4000 masks per weight
-    p = _softmax_weights(q, k)[0, 0].double()   # (4, 4)
-    expected = _enumerated_expectation(p, d)                         # all 2^4 keep masks, (4, 4)
-    _, w = dropkey.attention(q, k, v, "dropkey", d, training=False, mc_samples=T, return_weights=True,
-                             generator=torch.Generator().manual_seed(24))
-    w = w[:, 0].double().mean(0)                                     # average of 4000 sampled weights
-    sigma = torch.sqrt(expected * (1 - expected) / 4000)                # each w_j lies in [0, 1]: var <= E(1 - E)
-    assert ((w - expected).abs() <= 4 * sigma + 1e-6).all()
-    assert (w - p).abs().max() > 0.01                                # and it is not plain attention
+# ============================================================================ SDPA's terms: shapes and masks
+# dropkey.attention must be a one-line swap for F.scaled_dot_product_attention.
+
+def _shapes_case(case, seed=30):
+    """(q, k, v) for cross-attention, value width, 3-D inputs, broadcast heads."""
+    g = _gen(seed)
+    shapes = {"cross": [(2, 3, 10, 8), (2, 3, 60, 8), (2, 3, 60, 8)],
+              "value width": [(2, 3, 9, 8), (2, 3, 9, 8), (2, 3, 9, 5)],
+              "3-D": [(4, 9, 8), (4, 9, 8), (4, 9, 8)],
+              "broadcast heads": [(2, 4, 9, 8), (2, 1, 11, 8), (2, 1, 11, 6)]}[case]
+    return [torch.randn(s, generator=g).requires_grad_(True) for s in shapes]
 
 
-def test_layer_drop_ratios_schedules():
-    assert dropkey.layer_drop_ratios(0.3, 4, "constant") == [0.3] * 4
-    dec = dropkey.layer_drop_ratios(0.3, 4, "decreasing")
-    torch.testing.assert_close(torch.tensor(dec), torch.tensor([0.3, 0.2, 0.1, 0.0]))
-    assert dropkey.layer_drop_ratios(0.3, 4, "increasing") == dec[::-1]
-    assert dropkey.layer_drop_ratios(0.3, 1, "decreasing") == [0.3]
+@pytest.mark.parametrize("case", ["cross", "value width", "3-D", "broadcast heads"])
+@pytest.mark.parametrize("mode", ["dropkey", "dropattention", "vanilla"])
+def test_sdpa_shapes_cross_attention_value_width_3d_and_broadcast_heads(case, mode):
+    q, k, v = _shapes_case(case)
+    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    keep = dropkey.sample_keep_mask((*lead, q.shape[-2], k.shape[-2]), mode, 0.4, generator=_gen(31))
+    expected = _out_and_grads(_reference(q, k, v, keep, mode, 0.4)[0], (q, k, v))
+    for flash in [True, False]:
+        _assert_all_close(_out_and_grads(_attend(q, k, v, mode, 0.4, flash, keep_mask=keep), (q, k, v)), expected)
+    torch.testing.assert_close(_attend(q, k, v, mode, 0.4, training=False), F.scaled_dot_product_attention(q, k, v))
+
+
+def _padding(lengths, Nk):
+    return (torch.arange(Nk) < torch.tensor(lengths).view(-1, 1, 1, 1))  # (B, 1, 1, Nk), True = a real key
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_sdpa_masks_in_eval_and_at_d_zero_equal_sdpa(flash):
+    q, k, v = _qkv(B=2, N=12, seed=32)
+    bias = torch.randn(2, 3, 12, 12, generator=_gen(33))
+    pad = _padding([5, 12], 12)
+    for kw in [dict(attn_mask=pad), dict(attn_mask=bias), dict(is_causal=True), dict(scale=0.7),
+               dict(attn_mask=torch.where(pad, 0.0, -math.inf))]:
+        want = F.scaled_dot_product_attention(q, k, v, **kw)
+        for training, d in [(False, 0.5), (True, 0.0)]:
+            torch.testing.assert_close(_attend(q, k, v, "dropkey", d, flash, training=training, **kw), want,
+                                       atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["dropkey", "dropattention", "dropkey_block"])
+@pytest.mark.parametrize("flash", [True, False])
+def test_sdpa_padded_and_future_keys_get_zero_weight_and_zero_gradient(mode, flash):
+    """DropKey drops among the allowed keys; the fall-back never brings back a padded or a future key."""
+    B, H, N = 3, 2, 17
+    q, k, v = _qkv(B=B, H=H, N=N, seed=34, grad=True)
+    pad = _padding([2, 5, 17], N)
+    causal = torch.ones(N, N, dtype=torch.bool).tril()
+    for kw, allowed in [(dict(attn_mask=pad), pad), (dict(is_causal=True), causal),
+                        (dict(attn_mask=pad, is_causal=True), pad & causal),
+                        (dict(attn_mask=torch.where(pad, 0.0, -math.inf)), pad)]:
+        allowed = allowed.expand(B, H, N, N)
+        _, w = _attend(q, k, v, mode, 0.9, False, return_weights=True, generator=_gen(35), **kw, **STRUCTURED)
+        assert (w[~allowed] == 0).all() and torch.isfinite(w).all()
+        torch.testing.assert_close(w.sum(-1), torch.ones(B, H, N))   # every row has an allowed key here
+        out = _attend(q, k, v, mode, 0.9, flash, generator=_gen(35), **kw, **STRUCTURED)
+        dv, = torch.autograd.grad(out[:, :, 0].square().sum(), v)    # the first query's output
+        unseen = ~allowed[:, :, 0]                                    # keys the first query may not see, (B, H, N)
+        assert unseen.any() and (dv[unseen] == 0).all() and (dv[~unseen] != 0).any()
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_sdpa_a_row_with_no_allowed_key_is_zeros_as_in_sdpa(flash):
+    q, k, v = _qkv(B=1, N=6, seed=36)
+    mask = torch.ones(1, 1, 6, 6, dtype=torch.bool)
+    mask[..., 2, :] = False                           # query 2 may see nothing
+    out = _attend(q, k, v, "dropkey", 0.5, flash, attn_mask=mask, generator=_gen(37))
+    assert (out[..., 2, :] == 0).all() and torch.isfinite(out).all()
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(_attend(q, k, v, "dropkey", 0.5, flash, attn_mask=mask, training=False), sdpa)
+
+
+def test_sdpa_padding_under_masks_equals_the_reference_with_its_fall_back():
+    q, k, v = _qkv(B=4, N=32, seed=38, grad=True)
+    pad = _padding([2, 5, 8, 32], 32)
+    keep = dropkey.sample_keep_mask((4, 3, 32, 32), "dropkey", 0.7, generator=_gen(39))
+    expected = _out_and_grads(_reference(q, k, v, keep, "dropkey", 0.7, pad)[0], (q, k, v))
+    for flash in [True, False]:
+        _assert_all_close(_out_and_grads(_attend(q, k, v, "dropkey", 0.7, flash, keep_mask=keep, attn_mask=pad),
+                                         (q, k, v)), expected)
+
+
+class TimmAttention(torch.nn.Module):
+    """timm's Attention as people copy it: qkv linear, optional q/k norm, SDPA, proj; `dropkey` swaps one line."""
+
+    def __init__(self, dim, heads, attn_drop=0.0, qk_norm=True, dropkey_swap=False):
+        super().__init__()
+        self.heads, self.attn_drop, self.dropkey_swap = heads, attn_drop, dropkey_swap
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.q_norm = torch.nn.LayerNorm(dim // heads) if qk_norm else torch.nn.Identity()
+        self.k_norm = torch.nn.LayerNorm(dim // heads) if qk_norm else torch.nn.Identity()
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, attn_mask=None):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.dropkey_swap:
+            x = dropkey.attention(q, k, v, attn_mask=attn_mask, drop_ratio=self.attn_drop, training=self.training)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                               dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+def test_recipe_timm_attention_switched_to_dropkey_by_one_line():
+    torch.manual_seed(50)
+    plain = TimmAttention(16, 2, attn_drop=0.3)
+    swapped = TimmAttention(16, 2, attn_drop=0.3, dropkey_swap=True)
+    swapped.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 9, 16)
+    pad = _padding([4, 9, 6], 9)
+    plain.eval(), swapped.eval()
+    torch.testing.assert_close(swapped(x, pad), plain(x, pad))      # eval: identical
+    swapped.train()
+    torch.manual_seed(51)
+    a = swapped(x, pad)
+    torch.manual_seed(51)
+    assert torch.equal(a, swapped(x, pad)) and not torch.allclose(a, plain(x, pad).detach())
+
+
+class DetrDecoderLayer(torch.nn.Module):
+    """A DETR-style decoder layer: self-attention of the queries, then cross-attention to padded memory."""
+
+    def __init__(self, dim=16, heads=2, drop_ratio=0.3):
+        super().__init__()
+        self.heads, self.drop_ratio = heads, drop_ratio
+        self.q1, self.kv1, self.o1 = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, 2 * dim), torch.nn.Linear(dim, dim)
+        self.q2, self.kv2, self.o2 = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, 2 * dim), torch.nn.Linear(dim, dim)
+
+    def _heads(self, x):
+        B, N, C = x.shape
+        return x.reshape(B, N, self.heads, C // self.heads).transpose(1, 2)   # (B, H, N, C / H)
+
+    def _attend(self, q, kv, o, x, memory, attn_mask=None, is_causal=False):
+        k, v = kv(memory).chunk(2, dim=-1)
+        out = dropkey.attention(self._heads(q(x)), self._heads(k), self._heads(v), attn_mask=attn_mask,
+                                drop_ratio=self.drop_ratio, is_causal=is_causal, training=self.training)
+        return x + o(out.transpose(1, 2).reshape(x.shape))
+
+    def forward(self, queries, memory, memory_valid, is_causal=False):
+        x = self._attend(self.q1, self.kv1, self.o1, queries, queries, is_causal=is_causal)
+        return self._attend(self.q2, self.kv2, self.o2, x, memory, attn_mask=memory_valid[:, None, None, :])
+
+
+def test_recipe_detr_decoder_trains_and_padded_memory_and_future_queries_get_zero_gradient():
+    torch.manual_seed(52)
+    layer = DetrDecoderLayer()
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    queries, memory = torch.randn(2, 6, 16), torch.randn(2, 30, 16, requires_grad=True)
+    valid = torch.arange(30) < torch.tensor([[12], [30]])            # image 0: 18 padded memory tokens
+    target = torch.randn(2, 6, 16)
+    losses = []
+    for _ in range(20):
+        loss = (layer(queries, memory, valid, is_causal=True) - target).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        assert (memory.grad[0, 12:] == 0).all() and memory.grad[0, :12].abs().sum() > 0
+        memory.grad = None
+    assert losses[-1] < 0.8 * losses[0]
+    x = queries.clone().requires_grad_(True)                          # causal self-attention: query 0 sees only itself
+    layer(x, memory, valid, is_causal=True)[:, 0].sum().backward()
+    assert (x.grad[:, 1:] == 0).all() and x.grad[:, 0].abs().sum() > 0
+
+
+int_mask = torch.ones(4, 3, 17, 17, dtype=torch.int64)
 
 
 @pytest.mark.parametrize("call,message", [
-    (lambda q: dropkey.attention(q, q, q, "dropout", 0.1), "unknown mode"),
-    (lambda q: dropkey.attention(q, q, q, "dropkey", 1.0), "drop_ratio"),
-    (lambda q: dropkey.attention(q, q, q, "dropkey", -0.1), "drop_ratio"),
-    (lambda q: dropkey.attention(q, q, q, "dropkey_block", 0.1), "grid"),
-    (lambda q: dropkey.attention(q, q, q, "dropkey_cross", 0.1, grid=(3, 3)), "does not match"),
-    (lambda q: dropkey.attention(q, q, q, "dropkey_block", 0.1, grid=(4, 4), block_size=0), "block_size"),
-    (lambda q: dropkey.attention(q, q, q, "dropkey_block", 0.1, grid=(4, 4), block_size=5), "block_size"),
-    (lambda q: dropkey.attention(q, q, q[..., :4], "dropkey", 0.1), "one shape"),
-    (lambda q: dropkey.attention(q, q, q, "dropkey", 0.1, mc_samples=-1), "mc_samples"),
+    (lambda q: dropkey.attention(q, q, q, drop_ratio=0.1, mode="dropout"), "unknown mode"),
+    (lambda q: dropkey.attention(q, q, q, drop_ratio=1.0), "drop_ratio"),
+    (lambda q: dropkey.attention(q, q, q, drop_ratio=-0.1), "drop_ratio"),
+    (lambda q: dropkey.attention(q, q, q, drop_ratio=0.1, mode="dropkey_block"), "grid"),
+    (lambda q: dropkey.attention(q, q, q, drop_ratio=0.1, mode="dropkey_cross", grid=(3, 3)), "does not match"),
+    (lambda q: dropkey.attention(q, q, q, drop_ratio=0.1, mode="dropkey_block", grid=(4, 4), block_size=0),
+     "block_size"),
+    (lambda q: dropkey.attention(q, q, q[..., :4, :], drop_ratio=0.1), "value"),
+    (lambda q: dropkey.attention(q, q[..., :4], q, drop_ratio=0.1), "key"),
+    (lambda q: dropkey.attention(q, q[:3], q[:3], drop_ratio=0.1), "broadcast"),
+    (lambda q: dropkey.attention(q[..., :0, :], q, q, drop_ratio=0.1), "empty"),
+    (lambda q: dropkey.attention(q, q, q, drop_ratio=0.1, keep_mask=int_mask), "bool"),
+    (lambda q: dropkey.attention(q, q, q, drop_ratio=0.1, keep_mask=int_mask.bool()[..., :5]), "broadcast"),
+    (lambda q: dropkey.attention(q, q, q, drop_ratio=0.1, keep_mask=int_mask.bool(), training=False), "training"),
+    (lambda q: dropkey.attention(q, q, q, attn_mask=int_mask), "attn_mask must be bool"),
+    (lambda q: dropkey.attention(q, q, q, attn_mask=int_mask.bool()[0, 0, :3]), "broadcast"),
+    (lambda q: dropkey.attention(q, q.double(), q), "dtypes"),
+    (lambda q: dropkey.attention(q, q.to("meta"), q), "devices"),
+    (lambda q: dropkey.attention(q.to("meta"), q.to("meta"), q.to("meta"), drop_ratio=0.1, generator=_gen(0)),
+     "generator"),
+    (lambda q: dropkey.attention(q.long(), q.long(), q.long()), "floating"),
+    (lambda q: dropkey.aligned_attention(q, q, q, drop_ratio=0.1, mc_samples=-1), "mc_samples"),
     (lambda q: dropkey.layer_drop_ratios(0.1, 3, "cosine"), "unknown schedule"),
     (lambda q: ViT(image_size=30, patch_size=4), "divisible"),
     (lambda q: ViT(dim=100, heads=3), "divisible"),
 ])
 def test_bad_input_is_a_one_line_value_error(call, message):
-    q = torch.randn(2, 3, 17, 8)
+    q = torch.randn(4, 3, 17, 8)
     with pytest.raises(ValueError, match=message) as info:
         call(q)
     assert "\n" not in str(info.value)
 
 
-def test_vit_shapes_attention_and_layer_ratios():
-    model = ViT(dim=32, depth=3, heads=2, patch_size=8, num_classes=7).eval()
-    x = torch.randn(5, 3, 32, 32)
-    logits, attn = model(x, return_attention=True)
-    assert logits.shape == (5, 7) and len(attn) == 3
-    for w in attn:
-        assert w.shape == (5, 2, 17, 17)
-        torch.testing.assert_close(w.sum(-1), torch.ones(5, 2, 17))
-    assert model.layer_ratios == dropkey.layer_drop_ratios(0.3, 3, "decreasing")
-    assert [b.attn.drop_ratio for b in model.blocks] == model.layer_ratios
-    logits, attn = model(x, return_attention=True, drop_patches=0.5)
-    assert logits.shape == (5, 7) and attn[0].shape == (5, 2, 9, 9)
-
-
-def test_vit_drop_patches_keeps_a_different_subset_per_image():
-    from vit import remove_patches
-    torch.manual_seed(25)
-    x = torch.arange(16.0).reshape(1, 16, 1).expand(8, 16, 1)        # token i carries the value i
-    kept = remove_patches(x, 0.75)[..., 0]                          # (8, 4)
-    assert kept.shape == (8, 4)
-    assert len({tuple(r.tolist()) for r in kept}) > 1                # subsets differ per image
-    assert (kept.diff(dim=1) > 0).all()                              # original order kept
-
-
-def test_vit_monte_carlo_eval_changes_output_and_is_off_by_default():
-    torch.manual_seed(26)
-    model = ViT(dim=32, depth=2, heads=2, patch_size=8).eval()
-    x = torch.randn(3, 3, 32, 32)
-    plain = model(x)
-    assert torch.equal(model(x), plain)                              # eval is deterministic
-    model.mc_samples = 20
-    assert not torch.allclose(model(x), plain, atol=1e-6)
-
-
-def test_cls_attention_entropy_of_uniform_and_one_hot_rows():
-    from vit import cls_attention_entropy
-    w = torch.zeros(2, 3, 5, 5)
-    w[0, :, 0] = 1 / 5                                               # uniform class-token row: log 5
-    w[1, :, 0, 2] = 1.0                                              # one-hot: 0
-    torch.testing.assert_close(cls_attention_entropy(w), torch.tensor([math.log(5), 0.0]))
-
-
-def test_python_vit_py_prints_schedules_and_entropy():
-    import subprocess
-    import sys
-    out = subprocess.run([sys.executable, "vit.py"], capture_output=True, text=True, timeout=120,
-                         cwd=__import__("pathlib").Path(__file__).parent)
-    assert out.returncode == 0, out.stderr
-    assert "decreasing drop ratios: 0.30, 0.24, 0.18, 0.12, 0.06, 0.00" in out.stdout
-    assert "parameters: 1,806,538" in out.stdout and "entropy per layer" in out.stdout
-
-
-def test_readme_step_through_snippet_runs(capsys):
-    import pathlib
-    readme = (pathlib.Path(__file__).parent / "README.md").read_text()
-    code = readme.split("<!-- step-through -->\n```python\n", 1)[1].split("```", 1)[0]
-    try:
-        exec(compile(code, "README step-through", "exec"), {})
-    finally:
-        torch.set_printoptions(profile="default")                     # the snippet sets a precision
-    printed = capsys.readouterr().out
-    assert all(f"\n{mode}: keep mask" in printed for mode in dropkey.MODES)
-    assert printed.count("row sums") == len(dropkey.MODES)
-
-
-@pytest.mark.parametrize("mode", dropkey.MODES)
-def test_tiny_vit_overfits_one_batch_in_every_mode(mode):
-    torch.manual_seed(27)
-    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
-    model = ViT(dim=48, depth=2, heads=2, patch_size=8, mlp_ratio=2.0, attn_drop_mode=mode,
-                drop_ratio=0.3, schedule="constant", block_size=2)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    with _one_thread():
-        for step in range(300):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x).argmax(-1) == y).float().mean().item()
-    assert acc == 1.0, f"{mode}: training accuracy {acc:.3f} after 300 steps"
-
-
-# ============================================================================ exact expectation
+# ============================================================================ Eq. 3-4, Sec. 3.2, Table 4: Align Expectation
 # expected_weights against an independent reference: every one of the 2^N keep
 # masks, weighted by its probability (N <= 12), or 10^5 sampled masks (N = 65, 257).
 
@@ -578,63 +629,73 @@ def test_expected_weights_is_p_at_d_zero_and_keeps_shape_dtype_and_no_grad():
     torch.testing.assert_close(dropkey.expected_weights(p, 1e-7), p.detach(), atol=1e-6, rtol=0)
 
 
+
+def test_table_4_monte_carlo_alignment_matches_the_enumerated_expectation_eq_3():
+    """aligned_attention(mc_samples=T) averages the re-normalised weights: E[w_j] = c_j p_j (Eq. 3)."""
+    q, k, v = (t[:1].expand(500, 1, 4, 8) for t in _qkv(B=1, H=1, N=4, seed=23))  # 500 copies of one row set
+    d, T = 0.5, 8                                                    # 500 x 8 = 4000 masks per weight
+    p = _softmax_weights(q, k)[0, 0].double()                        # (4, 4)
+    expected = _enumerated_expectation(p, d)                         # all 2^4 keep masks, (4, 4)
+    _, w = dropkey.aligned_attention(q, k, v, drop_ratio=d, mc_samples=T, return_weights=True, generator=_gen(24))
+    w = w[:, 0].double().mean(0)                                     # average of 4000 sampled weights
+    sigma = torch.sqrt(expected * (1 - expected) / 4000)             # each w_j lies in [0, 1]: var <= E(1 - E)
+    assert ((w - expected).abs() <= 4 * sigma + 1e-6).all()
+    assert (w - p).abs().max() > 0.01                                # and it is not plain attention
+
+
 @pytest.mark.parametrize("mode", ["dropkey", "dropattention"])
-def test_attention_align_exact_is_expected_weights_at_v(mode):
-    """Eval with align='exact': out = E[w] @ v with E[w] by enumeration, weights returned, no autograd."""
+def test_table_4_exact_alignment_is_expected_weights_at_v(mode):
+    """aligned_attention(mc_samples=0): out = E[w] @ v with E[w] by enumeration, weights returned, no autograd."""
     q, k, v = _qkv(B=2, H=2, N=6, D=4, seed=7, grad=True)
     d = 0.4
-    out, w = dropkey.attention(q, k, v, mode, d, training=False, align="exact", return_weights=True)
+    out, w = dropkey.aligned_attention(q, k, v, drop_ratio=d, mode=mode, return_weights=True)
     p = torch.softmax(q @ k.transpose(-2, -1) / 2.0, dim=-1)
     want_w = _enumerated_expectation(p.detach(), d)
     torch.testing.assert_close(w.double(), want_w, atol=1e-5, rtol=0)
     torch.testing.assert_close(out, (want_w.float() @ v).detach(), atol=1e-5, rtol=1e-5)
     assert not out.requires_grad
-    plain = dropkey.attention(q, k, v, mode, d, training=False)
-    assert (out - plain).abs().max() > 1e-3                          # not plain attention
-    assert torch.equal(dropkey.attention(q, k, v, mode, 0.0, training=False, align="exact"),
-                       dropkey.attention(q, k, v, mode, 0.0, training=False))   # d = 0: nothing to align
+    assert (out - F.scaled_dot_product_attention(q, k, v)).abs().max() > 1e-3   # not plain attention
+    torch.testing.assert_close(dropkey.aligned_attention(q, k, v, drop_ratio=0.0, mode=mode),
+                               F.scaled_dot_product_attention(q, k, v).detach())   # d = 0: nothing to align
 
 
-def test_attention_align_exact_vanilla_is_p_up_to_its_all_dropped_row():
-    """Vanilla: E[w_j] = p_j (1 - d) / (1 - d) + d^N p_j / (1 - d); plain attention at N = 65."""
+def test_table_4_vanilla_expectation_is_exactly_p():
+    """nn.Dropout's rule: E[k_j p_j / (1 - d)] = p_j, the all-dropped row included (it is zeros)."""
     q, k, v = _qkv(B=2, H=2, N=3, D=4, seed=8)
     d = 0.8
-    _, w = dropkey.attention(q, k, v, "vanilla", d, training=False, align="exact", return_weights=True)
-    p = torch.softmax(q @ k.transpose(-2, -1) / 2.0, dim=-1).double()
-    want = torch.zeros_like(p)
-    for bits in range(8):                                            # the 2^3 masks, vanilla's rule
+    _, w = dropkey.aligned_attention(q, k, v, drop_ratio=d, mode="vanilla", return_weights=True)
+    p = _softmax_weights(q, k)
+    torch.testing.assert_close(w, p)
+    want = torch.zeros_like(p, dtype=torch.float64)
+    for bits in range(8):                                            # the 2^3 masks, written out
         keep = torch.tensor([(bits >> j) & 1 for j in range(3)], dtype=torch.bool)
         prob = (1 - d) ** keep.sum().item() * d ** (3 - keep.sum().item())
-        want += prob * (p * keep if keep.any() else p) / (1 - d)
+        want += prob * p.double() * keep / (1 - d)
     torch.testing.assert_close(w.double(), want, atol=1e-6, rtol=1e-6)
-    q, k, v = _qkv(N=65, seed=9)
-    torch.testing.assert_close(dropkey.attention(q, k, v, "vanilla", 0.3, training=False, align="exact"),
-                               dropkey.attention(q, k, v, "vanilla", 0.3, training=False, fused=False))
 
 
 @pytest.mark.parametrize("mode", dropkey.STRUCTURED_MODES)
-def test_align_exact_is_an_error_for_structured_modes(mode):
+def test_table_4_exact_alignment_is_an_error_for_structured_modes(mode):
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="not independent.*mc_samples"):
-        dropkey.attention(q, k, v, mode, 0.3, training=False, align="exact", **STRUCTURED)
+        dropkey.aligned_attention(q, k, v, drop_ratio=0.3, mode=mode, **STRUCTURED)
     model = ViT(image_size=16, patch_size=4, dim=8, depth=1, heads=2, attn_drop_mode=mode, block_size=2).eval()
     model.align = "exact"
     with pytest.raises(ValueError, match="not independent"):
         model(torch.randn(1, 3, 16, 16))
 
 
-def test_align_argument_checks_and_training_ignores_it():
-    q, k, v = _qkv()
-    with pytest.raises(ValueError, match="align must be"):
-        dropkey.attention(q, k, v, "dropkey", 0.3, training=False, align="mc")
-    with pytest.raises(ValueError, match="not both"):
-        dropkey.attention(q, k, v, "dropkey", 0.3, training=False, align="exact", mc_samples=4)
-    keep = dropkey.sample_keep_mask((4, 3, 17, 17), "dropkey", 0.3, generator=torch.Generator().manual_seed(10))
-    assert torch.equal(dropkey.attention(q, k, v, "dropkey", 0.3, keep_mask=keep, align="exact"),
-                       dropkey.attention(q, k, v, "dropkey", 0.3, keep_mask=keep))
+def test_table_4_alignment_composes_with_padding():
+    q, k, v = _qkv(B=2, N=6, seed=12)
+    pad = _padding([3, 6], 6)
+    for T in [0, 16]:
+        _, w = dropkey.aligned_attention(q, k, v, pad, drop_ratio=0.5, mc_samples=T, return_weights=True,
+                                         generator=_gen(13))
+        assert (w[0, :, :, 3:] == 0).all()
+        torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 6), atol=1e-5, rtol=0)
 
 
-def test_vit_align_exact_uses_expected_weights_in_every_layer():
+def test_table_4_vit_align_exact_uses_expected_weights_in_every_layer():
     """model.align = 'exact' at eval equals the forward written by hand with enumerated E[w] (N = 5)."""
     torch.manual_seed(11)
     model = ViT(image_size=8, patch_size=4, dim=8, depth=2, heads=2, drop_ratio=0.5, schedule="constant").eval()
@@ -657,6 +718,252 @@ def test_vit_align_exact_uses_expected_weights_in_every_layer():
     assert (got - plain).abs().max() > 1e-4
     model.train()
     assert model.align == "exact" and model(x).shape == (2, 10)       # training ignores it
+
+
+def test_table_4_vit_monte_carlo_eval_changes_output_and_is_off_by_default():
+    torch.manual_seed(26)
+    model = ViT(dim=32, depth=2, heads=2, patch_size=8).eval()
+    x = torch.randn(3, 3, 32, 32)
+    plain = model(x)
+    assert torch.equal(model(x), plain)                              # eval is deterministic
+    model.mc_samples = 20
+    assert not torch.allclose(model(x), plain, atol=1e-6)
+
+
+# ============================================================================ the ViT (vit.py)
+
+def test_vit_shapes_attention_and_layer_ratios():
+    model = ViT(dim=32, depth=3, heads=2, patch_size=8, num_classes=7).eval()
+    x = torch.randn(5, 3, 32, 32)
+    logits, attn = model(x, return_attention=True)
+    assert logits.shape == (5, 7) and len(attn) == 3
+    for w in attn:
+        assert w.shape == (5, 2, 17, 17)
+        torch.testing.assert_close(w.sum(-1), torch.ones(5, 2, 17))
+    assert model.layer_ratios == dropkey.layer_drop_ratios(0.3, 3, "decreasing")
+    assert [b.attn.drop_ratio for b in model.blocks] == model.layer_ratios
+    logits, attn = model(x, return_attention=True, drop_patches=0.5)
+    assert logits.shape == (5, 7) and attn[0].shape == (5, 2, 9, 9)
+
+
+def test_vit_print_shows_each_blocks_mode_and_drop_ratio():
+    text = str(ViT(dim=8, depth=3, heads=2, attn_drop_mode="dropkey_cross", drop_ratio=0.3))
+    assert [line.strip() for line in text.splitlines() if "mode=" in line] == [
+        f"heads=2, mode='dropkey_cross', drop_ratio={r}" for r in ("0.3", "0.15", "0")]
+
+
+def test_table_3_vit_drop_patches_keeps_a_different_subset_per_image():
+    from vit import remove_patches
+    torch.manual_seed(25)
+    x = torch.arange(16.0).reshape(1, 16, 1).expand(8, 16, 1)        # token i carries the value i
+    kept = remove_patches(x, 0.75)[..., 0]                          # (8, 4)
+    assert kept.shape == (8, 4)
+    assert len({tuple(r.tolist()) for r in kept}) > 1                # subsets differ per image
+    assert (kept.diff(dim=1) > 0).all()                              # original order kept
+
+
+def test_fig_4_cls_attention_entropy_of_uniform_and_one_hot_rows():
+    from vit import cls_attention_entropy
+    w = torch.zeros(2, 3, 5, 5)
+    w[0, :, 0] = 1 / 5                                               # uniform class-token row: log 5
+    w[1, :, 0, 2] = 1.0                                              # one-hot: 0
+    torch.testing.assert_close(cls_attention_entropy(w), torch.tensor([math.log(5), 0.0]))
+
+
+def test_python_vit_py_prints_schedules_and_entropy():
+    out = subprocess.run([sys.executable, "vit.py"], capture_output=True, text=True, timeout=120,
+                         cwd=pathlib.Path(__file__).parent)
+    assert out.returncode == 0, out.stderr
+    assert "decreasing drop ratios: 0.30, 0.24, 0.18, 0.12, 0.06, 0.00" in out.stdout
+    assert "parameters: 1,806,538" in out.stdout and "entropy per layer" in out.stdout
+
+
+@pytest.mark.parametrize("mode", dropkey.MODES)
+def test_vit_tiny_model_overfits_one_batch_in_every_mode(mode):
+    torch.manual_seed(27)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    model = ViT(dim=48, depth=2, heads=2, patch_size=8, mlp_ratio=2.0, attn_drop_mode=mode,
+                drop_ratio=0.3, schedule="constant", block_size=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    with _one_thread():
+        for step in range(300):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(x).argmax(-1) == y).float().mean().item()
+    assert acc == 1.0, f"{mode}: training accuracy {acc:.3f} after 300 steps"
+
+
+@pytest.mark.parametrize("mode", dropkey.DROPPING_MODES)
+def test_vit_compiles_whole_and_matches_eager_under_one_keep_mask(mode, monkeypatch):
+    """torch.compile(fullgraph=True) traces a training step with no graph break; same outputs and gradients."""
+    torch._dynamo.reset()
+    torch.manual_seed(28)
+    model = ViT(image_size=16, patch_size=4, dim=16, depth=2, heads=2, attn_drop_mode=mode, block_size=2,
+                schedule="constant")
+    x = torch.randn(3, 3, 16, 16)
+    keep = dropkey.sample_keep_mask((3, 2, 17, 17), mode, 0.3, grid=(4, 4), block_size=2, generator=_gen(29))
+    original = dropkey.attention
+    monkeypatch.setattr(dropkey, "attention", lambda *a, **kw: original(*a, **kw, keep_mask=keep))
+    results = []
+    for run in [model, torch.compile(model, fullgraph=True, backend="aot_eager")]:
+        out = run(x)
+        results.append((out, *torch.autograd.grad(out.square().sum(), list(model.parameters()))))
+    _assert_all_close(*results)
+    monkeypatch.undo()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(30)
+    compiled(x).sum().backward()                                      # masks drawn by torch's RNG inside the graph
+
+
+# ============================================================================ the fast path (dropkey.FLASH)
+# Its contract: the numbers of the explicit path under one keep mask. The device-generic branches
+# (torch's RNG, public SDPA with a boolean mask, autocast) are forced here on the CPU; with
+# DROPKEY_TEST_DEVICE=cuda they run on the GPU.
+
+@contextlib.contextmanager
+def _device_generic(monkeypatch):
+    """The branches a GPU takes, on any device: torch's RNG and public SDPA (no private CPU kernel)."""
+    monkeypatch.setattr(dropkey, "_fast_sampler", lambda device: False)
+    monkeypatch.setattr(dropkey, "_CPU_FLASH", None)
+    yield
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("mode", ["dropkey", "dropattention", "dropkey_block", "vanilla"])
+@pytest.mark.parametrize("masks", ["none", "padding", "causal"])
+def test_fast_path_device_generic_branch_equals_the_explicit_path(mode, masks, monkeypatch):
+    q, k, v = _qkv(B=3, N=17, seed=60, grad=True, device=DEVICE)
+    kw = dict(none={}, padding=dict(attn_mask=_padding([3, 9, 17], 17).to(DEVICE)),
+              causal=dict(is_causal=True))[masks]
+    keep = dropkey.sample_keep_mask((3, 3, 17, 17), mode, 0.5, device=DEVICE, generator=_gen(61, DEVICE),
+                                    **STRUCTURED)
+    keep[1, 2, 4] = False                                             # an all-dropped row
+    expected = _out_and_grads(_attend(q, k, v, mode, 0.5, False, keep_mask=keep, **kw, **STRUCTURED), (q, k, v))
+    with _device_generic(monkeypatch):
+        out = _attend(q, k, v, mode, 0.5, True, keep_mask=keep, **kw, **STRUCTURED)
+        _assert_all_close(_out_and_grads(out, (q, k, v)), expected)
+        sampled = _attend(q, k, v, mode, 0.5, True, generator=_gen(62, DEVICE), **kw, **STRUCTURED)
+        assert torch.isfinite(sampled).all()
+
+
+def test_fast_path_torch_rng_sampler_rate_and_seed(monkeypatch):
+    with _device_generic(monkeypatch):
+        keep = dropkey.sample_keep_mask((8, 4, 65, 65), "dropkey", 0.3, device=DEVICE, generator=_gen(63, DEVICE))
+        again = dropkey.sample_keep_mask((8, 4, 65, 65), "dropkey", 0.3, device=DEVICE, generator=_gen(63, DEVICE))
+    assert torch.equal(keep, again) and keep.device.type == DEVICE.type
+    assert abs((~keep).float().mean().item() - 0.3) < _four_sigma(0.3, keep.numel())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fast_path_under_autocast_equals_the_explicit_path(dtype, monkeypatch):
+    if DEVICE.type == "cpu" and dtype == torch.float16:
+        pytest.skip("float16 autocast is a GPU setting")
+    q, k, v = _qkv(B=2, N=17, seed=64, device=DEVICE)
+    keep = dropkey.sample_keep_mask((2, 3, 17, 17), "dropkey", 0.4, device=DEVICE, generator=_gen(65, DEVICE))
+    with torch.autocast(DEVICE.type, dtype=dtype):
+        outs = [_attend(q.to(dtype), k, v, "dropkey", 0.4, flash, keep_mask=keep) for flash in [True, False]]
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("mode", ["dropkey", "dropattention", "vanilla", "none"])
+@pytest.mark.parametrize("flash", [True, False])
+def test_fast_path_batch_slices_of_mask_chunk_elements_equal_the_reference(mode, flash, monkeypatch):
+    """The CPU kernel takes the batch in slices of <= MASK_CHUNK mask elements; an all-dropped row sits in a later one."""
+    monkeypatch.setattr(dropkey, "MASK_CHUNK", 2 * 3 * 17 * 17)       # slices of 2 of the 5 batch rows
+    q, k, v = _qkv(B=5, N=17, seed=40, grad=True)
+    keep = dropkey.sample_keep_mask((5, 3, 17, 17), "dropkey", 0.4, generator=_gen(41))
+    keep[3, 1, 6] = False                             # in the second slice
+    pad = _padding([17, 9, 17, 4, 12], 17)
+    if mode == "none":
+        keep = torch.ones_like(keep)
+    ref_out, ref_weights = _reference(q, k, v, keep, mode, 0.4, pad)
+    mask = None if mode == "none" else keep
+    out = _attend(q, k, v, mode, 0.4, flash, keep_mask=mask, attn_mask=pad)
+    _assert_all_close(_out_and_grads(out, (q, k, v)), _out_and_grads(ref_out, (q, k, v)))
+    _, weights = _attend(q, k, v, mode, 0.4, flash, keep_mask=mask, attn_mask=pad, return_weights=True)
+    _assert_all_close([weights], [ref_weights])
+
+
+@pytest.mark.parametrize("mode", ["dropkey", "vanilla", "none"])
+def test_fast_path_an_empty_batch_gives_an_empty_output(mode):
+    q, k, v = _qkv(B=0, grad=True)
+    out = _attend(q, k, v, mode, 0.3)
+    assert out.shape == (0, 3, 17, 8)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+def test_fast_path_takes_q_k_v_and_gradients_in_the_vit_layout():
+    """vit.py hands over q, k, v as strided views of one projection and gets a strided gradient back."""
+    B, N, H, D = 3, 17, 3, 8
+    qkv = torch.randn(B, N, 3, H, D, generator=_gen(46), requires_grad=True)
+    keep = dropkey.sample_keep_mask((B, H, N, N), "dropkey", 0.4, generator=_gen(47))
+    keep[2, 0, 5] = False
+    w = torch.randn(B, N, H * D, generator=_gen(48))
+    results = []
+    for flash in [True, False]:
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                          # 3 x (B, H, N, D), not contiguous
+        out = _attend(q, k, v, "dropkey", 0.4, flash, keep_mask=keep)
+        y = out.transpose(1, 2).reshape(B, N, H * D)                  # as vit.py does
+        results.append((out, *torch.autograd.grad((y * w).sum(), qkv)))
+    _assert_all_close(*results)
+
+
+def test_fast_path_bfloat16_with_an_all_dropped_row_matches_the_float32_reference():
+    q, k, v = _qkv(B=2, N=65, D=16, seed=42, dtype=torch.bfloat16, grad=True)
+    keep = dropkey.sample_keep_mask((2, 3, 65, 65), "dropkey", 0.5, generator=_gen(43))
+    keep[1, 2, 0] = False
+    out = _attend(q, k, v, "dropkey", 0.5, keep_mask=keep)
+    ref_out, _ = _reference(q.float(), k.float(), v.float(), keep, "dropkey", 0.5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref_out, atol=3e-2, rtol=3e-2)   # bfloat16: 8-bit mantissa
+    out.float().square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_fast_path_without_the_private_cpu_kernel_falls_back_to_public_sdpa(monkeypatch):
+    q, k, v = _qkv(B=2, N=17, seed=66, grad=True)
+    keep = dropkey.sample_keep_mask((2, 3, 17, 17), "dropkey", 0.5, generator=_gen(67))
+    bias = torch.randn(2, 3, 17, 17, generator=_gen(68))
+    expected = _out_and_grads(_attend(q, k, v, "dropkey", 0.5, False, keep_mask=keep, attn_mask=bias), (q, k, v))
+    assert dropkey._CPU_FLASH is not None                             # this torch has it: both branches are tested
+    for kernel in [dropkey._CPU_FLASH, None]:
+        monkeypatch.setattr(dropkey, "_CPU_FLASH", kernel)
+        out = _attend(q, k, v, "dropkey", 0.5, True, keep_mask=keep, attn_mask=bias)
+        _assert_all_close(_out_and_grads(out, (q, k, v)), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_fast_path_additive_mask_is_plus_zero_or_minus_inf(dtype):
+    keep = torch.tensor([[True, False, True], [False, False, True]])
+    m = dropkey.additive_mask(keep, dtype)
+    assert m.dtype == dtype and m.shape == keep.shape
+    assert (m[keep] == 0).all() and not torch.signbit(m[keep]).any()
+    assert torch.isneginf(m[~keep]).all()
+
+
+def test_fast_path_keeps_at_most_one_byte_per_mask_element_more_than_sdpa():
+    q, k, v = _qkv(B=8, N=65, D=16, seed=69, grad=True)
+    none = dropkey.saved_bytes(lambda: F.scaled_dot_product_attention(q, k, v))
+    drop = dropkey.saved_bytes(lambda: _attend(q, k, v, "dropkey", 0.3))
+    assert drop <= none + 8 * 3 * 65 * 65
+
+
+def test_benchmarks_run_and_print_every_row(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["dropkey.py", "--shapes", "2,2,17,8", "--runs", "1"])
+    import vit
+    with _one_thread():
+        dropkey._main()
+        vit.benchmark_step(patch_size=16, batch=2, runs=1)
+    printed = capsys.readouterr().out
+    for row in [*dropkey.DROPPING_MODES, "SDPA, no dropout", "paper Algorithm 1", "faster than",
+                "images/s", "none, 2nd copy"]:
+        assert row in printed
+
 
 # ============================================================================ trainer: train_cifar.py
 
