@@ -171,11 +171,15 @@ def benchmark_step(patch_size=4, batch=128, runs=10, device="cpu"):
 
 
 if __name__ == "__main__":
-    import sys
-    if sys.argv[1:2] == ["--benchmark"]:  # python vit.py --benchmark [patch_size [runs]]
-        patch, runs = (int(a) for a in (sys.argv[2:] + ["4", "10"][len(sys.argv) - 2:])[:2])
-        benchmark_step(patch, runs=runs, device="cuda" if torch.cuda.is_available() else "cpu")
-        sys.exit()
+    import argparse
+    parser = argparse.ArgumentParser(description="Print the default ViT, or time its training step per mode.")
+    parser.add_argument("--benchmark", action="store_true", help="time a training step: none, vanilla, dropkey")
+    parser.add_argument("--patch-size", type=int, default=4, help="with --benchmark: 4 (N = 65) or 2 (N = 257)")
+    parser.add_argument("--runs", type=int, default=10, help="with --benchmark: rounds")
+    args = parser.parse_args()
+    if args.benchmark:
+        benchmark_step(args.patch_size, runs=args.runs, device="cuda" if torch.cuda.is_available() else "cpu")
+        raise SystemExit
     torch.manual_seed(0)
     model = ViT()
     print(model)
