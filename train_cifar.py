@@ -115,7 +115,7 @@ def ensure_cifar(spec, data_dir):
 
 
 class CifarUnpickler(pickle.Unpickler):
-    """An unpickler that builds only what the official CIFAR files hold (issue 8).
+    """An unpickler that builds only what the official CIFAR files hold.
 
     They are Python 2 pickles of a dict of byte strings, ints, lists and one
     uint8 array; the only globals they name are numpy's array reconstruction.
@@ -339,7 +339,7 @@ def paper_evaluations(model, data, cfg, plain_seconds):
     if cfg.align == "exact":
         settings["exact"] = dict(align="exact")
     results, seconds = {}, {"plain": plain_seconds}
-    for key, setting in settings.items():  # accuracy and cost of each alignment (Table 4, issue 5)
+    for key, setting in settings.items():  # accuracy and cost of each alignment (Table 4)
         start = time.perf_counter()
         with aligned(model, **setting):
             results[f"test_acc_{key}"] = evaluate(model, data, cfg)[1]
@@ -398,7 +398,7 @@ def atomic_save(path, write, binary=False):
 
 
 def load_checkpoint(path):
-    """A checkpoint of this script, loaded with weights_only=True so that it cannot run code (issue 8)."""
+    """A checkpoint of this script, loaded with weights_only=True so that it cannot run code."""
     if not os.path.exists(path):
         raise DataError(f"no checkpoint at {path}")
     try:
