@@ -456,7 +456,8 @@ def _check_grid(grid, n_keys, prefix_tokens, block_size):
         raise ValueError(f"grid {tuple(grid)} does not match {n_keys} keys with "
                          f"prefix_tokens={prefix_tokens}: need n_h * n_w == {n_keys - prefix_tokens}")
     if not 1 <= block_size <= min(grid):
-        raise ValueError(f"block_size must be between 1 and {min(grid)} for grid {tuple(grid)}, got {block_size}")
+        raise ValueError(f"block_size must be between 1 and {min(grid)} for grid {tuple(grid)}, "
+                         f"got {block_size}")
 
 
 def _check_mask(name, mask, target, device):
@@ -469,12 +470,13 @@ def _check_mask(name, mask, target, device):
     except RuntimeError:
         fits = False
     if not fits:
-        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to (..., Nq, Nk) = {tuple(target)}")
+        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to "
+                         f"(..., Nq, Nk) = {tuple(target)}")
 
 
 def _check_attention(query, key, value, attn_mask, drop_ratio, is_causal, scale, mode, training,
                      keep_mask, generator):
-    """Every argument of `attention` checked, each mistake one ValueError; returns the broadcast leading shape."""
+    """Every argument of `attention` checked, each mistake one ValueError; returns the leading shape."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     _check_ratio(drop_ratio)
@@ -485,9 +487,11 @@ def _check_attention(query, key, value, attn_mask, drop_ratio, is_causal, scale,
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
                              f"{' of ' + str(t.dtype) if isinstance(t, torch.Tensor) else ''}")
     if len({t.device for t in tensors.values()}) > 1:
-        raise ValueError(f"query, key, value are on different devices: {query.device}, {key.device}, {value.device}")
+        raise ValueError(f"query, key, value are on different devices: "
+                         f"{query.device}, {key.device}, {value.device}")
     if len({t.dtype for t in tensors.values()}) > 1 and not torch.is_autocast_enabled(query.device.type):
-        raise ValueError(f"query, key, value have different dtypes: {query.dtype}, {key.dtype}, {value.dtype}")
+        raise ValueError(f"query, key, value have different dtypes: "
+                         f"{query.dtype}, {key.dtype}, {value.dtype}")
     if query.shape[-1] != key.shape[-1] or key.shape[-2] != value.shape[-2]:
         raise ValueError(f"need query (..., Nq, E), key (..., Nk, E), value (..., Nk, Ev); got "
                          f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")

@@ -36,7 +36,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads)   # (B, N, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                              # 3 x (B, H, N, D)
         grid = self.grid if N == 1 + self.grid[0] * self.grid[1] else None  # None once patches are removed
-        structure = dict(grid=grid, prefix_tokens=1, block_size=self.block_size, return_weights=return_weights)
+        structure = dict(grid=grid, prefix_tokens=1, block_size=self.block_size,
+                         return_weights=return_weights)
         if not self.training and self.mode != "none" and (mc_samples > 0 or align == "exact"):
             result = dropkey.aligned_attention(q, k, v, drop_ratio=self.drop_ratio, mode=self.mode,
                                                mc_samples=mc_samples, **structure)  # Table 4
@@ -84,11 +85,13 @@ class ViT(nn.Module):
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         if attn_drop_mode not in dropkey.MODES:
-            raise ValueError(f"unknown attn_drop_mode {attn_drop_mode!r}; choose one of {', '.join(dropkey.MODES)}")
+            raise ValueError(f"unknown attn_drop_mode {attn_drop_mode!r}; "
+                             f"choose one of {', '.join(dropkey.MODES)}")
         side = image_size // patch_size
         self.grid = (side, side)
         if attn_drop_mode in dropkey.STRUCTURED_MODES and not 1 <= block_size <= side:
-            raise ValueError(f"block_size must be between 1 and {side} for a {side}x{side} patch grid, got {block_size}")
+            raise ValueError(f"block_size must be between 1 and {side} for a {side}x{side} patch grid, "
+                             f"got {block_size}")
         self.layer_ratios = dropkey.layer_drop_ratios(drop_ratio, depth, schedule)
         self.mc_samples = 0  # > 0: Monte-Carlo Align Expectation at evaluation (Table 4)
         self.align = "none"  # "exact": the exact expectation at evaluation (dropkey.expected_weights)
@@ -173,8 +176,8 @@ def benchmark_step(patch_size=4, batch=128, runs=10, device="cpu"):
 if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description="Print the default ViT, or time its training step per mode.")
-    parser.add_argument("--benchmark", action="store_true", help="time a training step: none, vanilla, dropkey")
-    parser.add_argument("--patch-size", type=int, default=4, help="with --benchmark: 4 (N = 65) or 2 (N = 257)")
+    parser.add_argument("--benchmark", action="store_true", help="time a training step per mode")
+    parser.add_argument("--patch-size", type=int, default=4, help="with --benchmark: 4 (N = 65), 2 (N = 257)")
     parser.add_argument("--runs", type=int, default=10, help="with --benchmark: rounds")
     args = parser.parse_args()
     if args.benchmark:
