@@ -43,7 +43,8 @@ def _one_thread():
 
 # ============================================================================ shared helpers
 
-DEVICE = torch.device(os.environ.get("DROPKEY_TEST_DEVICE", "cpu"))  # e.g. cuda: the device-generic tests run there
+# e.g. cuda: the device-generic tests run there
+DEVICE = torch.device(os.environ.get("DROPKEY_TEST_DEVICE", "cpu"))
 
 
 def _qkv(B=4, H=3, N=17, D=8, seed=0, dtype=torch.float32, grad=False, device="cpu"):
@@ -133,13 +134,13 @@ def test_eq_12_each_key_is_dropped_at_rate_d_within_4_sigma(d, flash):
 
 @pytest.mark.parametrize("d", [0.1, 0.3])
 def test_eq_12_fast_sampler_rate_at_large_sample_size(d):
-    n = 20_000_000                                    # 4 sigma ~ 5e-4 at d = 0.1: a 63-bit or 1/256 grid fails
+    n = 20_000_000  # 4 sigma ~ 5e-4 at d = 0.1: a 63-bit or 1/256 grid fails
     m = dropkey.bernoulli_mask((n,), d, generator=_gen(3))
     assert abs(m.float().mean().item() - d) < _four_sigma(d, n)
 
 
 def test_eq_12_fast_sampler_neighbours_sharing_a_word_are_independent():
-    n = 4_000_000                                     # neighbours share a 64-bit word: their joint rate is d^2
+    n = 4_000_000  # neighbours share a 64-bit word: their joint rate is d^2
     m = dropkey.bernoulli_mask((n // 2, 2), 0.5, generator=_gen(4))
     both = (m[:, 0] & m[:, 1]).float().mean().item()
     assert abs(both - 0.25) < _four_sigma(0.25, n // 2)
@@ -178,7 +179,7 @@ def test_fig_2_block_mask_is_a_union_of_s_by_s_windows(s):
     keep = dropkey.sample_keep_mask((2, 2, 65, 65), "dropkey_block", 0.3, grid=(8, 8), block_size=s,
                                     generator=torch.Generator().manual_seed(13))
     drop = _grid_drop(keep, (8, 8)).reshape(-1, 1, 8, 8)
-    full_windows = -F.max_pool2d(-drop, s, stride=1)                  # 1 where a whole s x s window is dropped
+    full_windows = -F.max_pool2d(-drop, s, stride=1)  # 1 where a whole s x s window is dropped
     covered = F.max_pool2d(F.pad(full_windows, (s - 1,) * 4), s, stride=1)
     assert drop.sum() > 0 and torch.equal(covered, drop)
 
@@ -207,12 +208,13 @@ def _exact_structured_rate(mode, d, n, s):
     return (1 - (1 - gamma) ** count).mean().item()
 
 
-@pytest.mark.parametrize("mode,s", [("dropkey_block", 3), ("dropkey_block", 5), ("dropkey_cross", 1), ("dropkey_cross", 3)])
+@pytest.mark.parametrize("mode,s", [("dropkey_block", 3), ("dropkey_block", 5),
+                                    ("dropkey_cross", 1), ("dropkey_cross", 3)])
 def test_sec_3_2_structured_drop_rate_matches_its_exact_expectation_and_is_near_d(mode, s):
     d = 0.3
     keep = dropkey.sample_keep_mask((32, 4, 65, 65), mode, d, grid=(8, 8), block_size=s,
                                     generator=torch.Generator().manual_seed(15))
-    frac = (~keep[..., 1:]).float().mean(-1).flatten()                # per-row drop fraction; rows independent
+    frac = (~keep[..., 1:]).float().mean(-1).flatten()  # per-row drop fraction; rows independent
     expected = _exact_structured_rate(mode, d, 8, s)
     assert abs(frac.mean().item() - expected) < 4 * frac.std().item() / math.sqrt(frac.numel())
     # overlaps make the paper's rate formula approximate (Sec. 3.2): realised rate within 0.1 of d
@@ -260,7 +262,7 @@ def test_eq_14_dropkey_equals_eq_1_dropattention_and_the_reference_under_one_mas
 
 
 def test_vanilla_is_nn_dropout_on_the_weights_exactly():
-    """F.dropout(p, d) with torch's own mask, replayed as keep_mask: the same weights, an all-dropped row zeros."""
+    """F.dropout(p, d), its mask replayed as keep_mask: the same weights; an all-dropped row is zeros."""
     q, k, v = _qkv(B=2, H=2, N=5, seed=6)
     d = 0.6
     p = _softmax_weights(q, k)
@@ -340,8 +342,10 @@ def test_sdpa_shapes_cross_attention_value_width_3d_and_broadcast_heads(case, mo
     keep = dropkey.sample_keep_mask((*lead, q.shape[-2], k.shape[-2]), mode, 0.4, generator=_gen(31))
     expected = _out_and_grads(_reference(q, k, v, keep, mode, 0.4)[0], (q, k, v))
     for flash in [True, False]:
-        _assert_all_close(_out_and_grads(_attend(q, k, v, mode, 0.4, flash, keep_mask=keep), (q, k, v)), expected)
-    torch.testing.assert_close(_attend(q, k, v, mode, 0.4, training=False), F.scaled_dot_product_attention(q, k, v))
+        out = _attend(q, k, v, mode, 0.4, flash, keep_mask=keep)
+        _assert_all_close(_out_and_grads(out, (q, k, v)), expected)
+    torch.testing.assert_close(_attend(q, k, v, mode, 0.4, training=False),
+                               F.scaled_dot_product_attention(q, k, v))
 
 
 def _padding(lengths, Nk):
@@ -378,7 +382,7 @@ def test_sdpa_padded_and_future_keys_get_zero_weight_and_zero_gradient(mode, fla
         torch.testing.assert_close(w.sum(-1), torch.ones(B, H, N))   # every row has an allowed key here
         out = _attend(q, k, v, mode, 0.9, flash, generator=_gen(35), **kw, **STRUCTURED)
         dv, = torch.autograd.grad(out[:, :, 0].square().sum(), v)    # the first query's output
-        unseen = ~allowed[:, :, 0]                                    # keys the first query may not see, (B, H, N)
+        unseen = ~allowed[:, :, 0]  # keys the first query may not see, (B, H, N)
         assert unseen.any() and (dv[unseen] == 0).all() and (dv[~unseen] != 0).any()
 
 
@@ -399,12 +403,12 @@ def test_sdpa_padding_under_masks_equals_the_reference_with_its_fall_back():
     keep = dropkey.sample_keep_mask((4, 3, 32, 32), "dropkey", 0.7, generator=_gen(39))
     expected = _out_and_grads(_reference(q, k, v, keep, "dropkey", 0.7, pad)[0], (q, k, v))
     for flash in [True, False]:
-        _assert_all_close(_out_and_grads(_attend(q, k, v, "dropkey", 0.7, flash, keep_mask=keep, attn_mask=pad),
-                                         (q, k, v)), expected)
+        out = _attend(q, k, v, "dropkey", 0.7, flash, keep_mask=keep, attn_mask=pad)
+        _assert_all_close(_out_and_grads(out, (q, k, v)), expected)
 
 
 class TimmAttention(torch.nn.Module):
-    """timm's Attention as people copy it: qkv linear, optional q/k norm, SDPA, proj; `dropkey` swaps one line."""
+    """timm's Attention as people copy it: qkv linear, q/k norm, SDPA, proj; DropKey is a one-line swap."""
 
     def __init__(self, dim, heads, attn_drop=0.0, qk_norm=True, dropkey_swap=False):
         super().__init__()
@@ -419,7 +423,8 @@ class TimmAttention(torch.nn.Module):
         q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
         if self.dropkey_swap:
-            x = dropkey.attention(q, k, v, attn_mask=attn_mask, drop_ratio=self.attn_drop, training=self.training)
+            x = dropkey.attention(q, k, v, attn_mask=attn_mask, drop_ratio=self.attn_drop,
+                                  training=self.training)
         else:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                                dropout_p=self.attn_drop if self.training else 0.0)
@@ -448,8 +453,9 @@ class DetrDecoderLayer(torch.nn.Module):
     def __init__(self, dim=16, heads=2, drop_ratio=0.3):
         super().__init__()
         self.heads, self.drop_ratio = heads, drop_ratio
-        self.q1, self.kv1, self.o1 = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, 2 * dim), torch.nn.Linear(dim, dim)
-        self.q2, self.kv2, self.o2 = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, 2 * dim), torch.nn.Linear(dim, dim)
+        linear = torch.nn.Linear
+        self.q1, self.kv1, self.o1 = linear(dim, dim), linear(dim, 2 * dim), linear(dim, dim)
+        self.q2, self.kv2, self.o2 = linear(dim, dim), linear(dim, 2 * dim), linear(dim, dim)
 
     def _heads(self, x):
         B, N, C = x.shape
@@ -483,7 +489,7 @@ def test_recipe_detr_decoder_trains_and_padded_memory_and_future_queries_get_zer
         assert (memory.grad[0, 12:] == 0).all() and memory.grad[0, :12].abs().sum() > 0
         memory.grad = None
     assert losses[-1] < 0.8 * losses[0]
-    x = queries.clone().requires_grad_(True)                          # causal self-attention: query 0 sees only itself
+    x = queries.clone().requires_grad_(True)  # causal self-attention: query 0 sees only itself
     layer(x, memory, valid, is_causal=True)[:, 0].sum().backward()
     assert (x.grad[:, 1:] == 0).all() and x.grad[:, 0].abs().sum() > 0
 
@@ -496,7 +502,8 @@ int_mask = torch.ones(4, 3, 17, 17, dtype=torch.int64)
     (lambda q: dropkey.attention(q, q, q, drop_ratio=1.0), "drop_ratio"),
     (lambda q: dropkey.attention(q, q, q, drop_ratio=-0.1), "drop_ratio"),
     (lambda q: dropkey.attention(q, q, q, drop_ratio=0.1, mode="dropkey_block"), "grid"),
-    (lambda q: dropkey.attention(q, q, q, drop_ratio=0.1, mode="dropkey_cross", grid=(3, 3)), "does not match"),
+    (lambda q: dropkey.attention(q, q, q, drop_ratio=0.1, mode="dropkey_cross", grid=(3, 3)),
+     "does not match"),
     (lambda q: dropkey.attention(q, q, q, drop_ratio=0.1, mode="dropkey_block", grid=(4, 4), block_size=0),
      "block_size"),
     (lambda q: dropkey.attention(q, q, q[..., :4, :], drop_ratio=0.1), "value"),
@@ -505,7 +512,8 @@ int_mask = torch.ones(4, 3, 17, 17, dtype=torch.int64)
     (lambda q: dropkey.attention(q[..., :0, :], q, q, drop_ratio=0.1), "empty"),
     (lambda q: dropkey.attention(q, q, q, drop_ratio=0.1, keep_mask=int_mask), "bool"),
     (lambda q: dropkey.attention(q, q, q, drop_ratio=0.1, keep_mask=int_mask.bool()[..., :5]), "broadcast"),
-    (lambda q: dropkey.attention(q, q, q, drop_ratio=0.1, keep_mask=int_mask.bool(), training=False), "training"),
+    (lambda q: dropkey.attention(q, q, q, drop_ratio=0.1, keep_mask=int_mask.bool(), training=False),
+     "training"),
     (lambda q: dropkey.attention(q, q, q, attn_mask=int_mask), "attn_mask must be bool"),
     (lambda q: dropkey.attention(q, q, q, attn_mask=int_mask.bool()[0, 0, :3]), "broadcast"),
     (lambda q: dropkey.attention(q, q.double(), q), "dtypes"),
@@ -525,7 +533,7 @@ def test_bad_input_is_a_one_line_value_error(call, message):
     assert "\n" not in str(info.value)
 
 
-# ============================================================================ Eq. 3-4, Sec. 3.2, Table 4: Align Expectation
+# ======================================================================= Eq. 3-4, Table 4: Align Expectation
 # expected_weights against an independent reference: every one of the 2^N keep
 # masks, weighted by its probability (N <= 12), or 10^5 sampled masks (N = 65, 257).
 
@@ -635,16 +643,17 @@ def test_table_4_monte_carlo_alignment_matches_the_enumerated_expectation_eq_3()
     d, T = 0.5, 8                                                    # 500 x 8 = 4000 masks per weight
     p = _softmax_weights(q, k)[0, 0].double()                        # (4, 4)
     expected = _enumerated_expectation(p, d)                         # all 2^4 keep masks, (4, 4)
-    _, w = dropkey.aligned_attention(q, k, v, drop_ratio=d, mc_samples=T, return_weights=True, generator=_gen(24))
+    _, w = dropkey.aligned_attention(q, k, v, drop_ratio=d, mc_samples=T, return_weights=True,
+                                     generator=_gen(24))
     w = w[:, 0].double().mean(0)                                     # average of 4000 sampled weights
-    sigma = torch.sqrt(expected * (1 - expected) / 4000)             # each w_j lies in [0, 1]: var <= E(1 - E)
+    sigma = torch.sqrt(expected * (1 - expected) / 4000)  # each w_j lies in [0, 1]: var <= E(1 - E)
     assert ((w - expected).abs() <= 4 * sigma + 1e-6).all()
     assert (w - p).abs().max() > 0.01                                # and it is not plain attention
 
 
 @pytest.mark.parametrize("mode", ["dropkey", "dropattention"])
 def test_table_4_exact_alignment_is_expected_weights_at_v(mode):
-    """aligned_attention(mc_samples=0): out = E[w] @ v with E[w] by enumeration, weights returned, no autograd."""
+    """aligned_attention(mc_samples=0): out = E[w] @ v, E[w] by enumeration; weights returned, no autograd."""
     q, k, v = _qkv(B=2, H=2, N=6, D=4, seed=7, grad=True)
     d = 0.4
     out, w = dropkey.aligned_attention(q, k, v, drop_ratio=d, mode=mode, return_weights=True)
@@ -678,7 +687,8 @@ def test_table_4_exact_alignment_is_an_error_for_structured_modes(mode):
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="not independent.*mc_samples"):
         dropkey.aligned_attention(q, k, v, drop_ratio=0.3, mode=mode, **STRUCTURED)
-    model = ViT(image_size=16, patch_size=4, dim=8, depth=1, heads=2, attn_drop_mode=mode, block_size=2).eval()
+    model = ViT(image_size=16, patch_size=4, dim=8, depth=1, heads=2, attn_drop_mode=mode,
+                block_size=2).eval()
     model.align = "exact"
     with pytest.raises(ValueError, match="not independent"):
         model(torch.randn(1, 3, 16, 16))
@@ -697,7 +707,8 @@ def test_table_4_alignment_composes_with_padding():
 def test_table_4_vit_align_exact_uses_expected_weights_in_every_layer():
     """model.align = 'exact' at eval equals the forward written by hand with enumerated E[w] (N = 5)."""
     torch.manual_seed(11)
-    model = ViT(image_size=8, patch_size=4, dim=8, depth=2, heads=2, drop_ratio=0.5, schedule="constant").eval()
+    model = ViT(image_size=8, patch_size=4, dim=8, depth=2, heads=2, drop_ratio=0.5,
+                schedule="constant").eval()
     x = torch.randn(2, 3, 8, 8)
     assert model.align == "none"
     plain = model(x)
@@ -798,7 +809,7 @@ def test_vit_tiny_model_overfits_one_batch_in_every_mode(mode):
 
 @pytest.mark.parametrize("mode", dropkey.DROPPING_MODES)
 def test_vit_compiles_whole_and_matches_eager_under_one_keep_mask(mode, monkeypatch):
-    """torch.compile(fullgraph=True) traces a training step with no graph break; same outputs and gradients."""
+    """torch.compile(fullgraph=True) traces a training step, no graph break; same outputs and gradients."""
     torch._dynamo.reset()
     torch.manual_seed(28)
     model = ViT(image_size=16, patch_size=4, dim=16, depth=2, heads=2, attn_drop_mode=mode, block_size=2,
@@ -815,7 +826,7 @@ def test_vit_compiles_whole_and_matches_eager_under_one_keep_mask(mode, monkeypa
     monkeypatch.undo()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.manual_seed(30)
-    compiled(x).sum().backward()                                      # masks drawn by torch's RNG inside the graph
+    compiled(x).sum().backward()  # masks drawn by torch's RNG inside the graph
 
 
 # ============================================================================ the fast path (dropkey.FLASH)
@@ -841,7 +852,8 @@ def test_fast_path_device_generic_branch_equals_the_explicit_path(mode, masks, m
     keep = dropkey.sample_keep_mask((3, 3, 17, 17), mode, 0.5, device=DEVICE, generator=_gen(61, DEVICE),
                                     **STRUCTURED)
     keep[1, 2, 4] = False                                             # an all-dropped row
-    expected = _out_and_grads(_attend(q, k, v, mode, 0.5, False, keep_mask=keep, **kw, **STRUCTURED), (q, k, v))
+    explicit = _attend(q, k, v, mode, 0.5, False, keep_mask=keep, **kw, **STRUCTURED)
+    expected = _out_and_grads(explicit, (q, k, v))
     with _device_generic(monkeypatch):
         out = _attend(q, k, v, mode, 0.5, True, keep_mask=keep, **kw, **STRUCTURED)
         _assert_all_close(_out_and_grads(out, (q, k, v)), expected)
@@ -851,8 +863,8 @@ def test_fast_path_device_generic_branch_equals_the_explicit_path(mode, masks, m
 
 def test_fast_path_torch_rng_sampler_rate_and_seed(monkeypatch):
     with _device_generic(monkeypatch):
-        keep = dropkey.sample_keep_mask((8, 4, 65, 65), "dropkey", 0.3, device=DEVICE, generator=_gen(63, DEVICE))
-        again = dropkey.sample_keep_mask((8, 4, 65, 65), "dropkey", 0.3, device=DEVICE, generator=_gen(63, DEVICE))
+        keep, again = (dropkey.sample_keep_mask((8, 4, 65, 65), "dropkey", 0.3, device=DEVICE,
+                                                generator=_gen(63, DEVICE)) for _ in range(2))
     assert torch.equal(keep, again) and keep.device.type == DEVICE.type
     assert abs((~keep).float().mean().item() - 0.3) < _four_sigma(0.3, keep.numel())
 
@@ -871,7 +883,7 @@ def test_fast_path_under_autocast_equals_the_explicit_path(dtype, monkeypatch):
 @pytest.mark.parametrize("mode", ["dropkey", "dropattention", "vanilla", "none"])
 @pytest.mark.parametrize("flash", [True, False])
 def test_fast_path_batch_slices_of_mask_chunk_elements_equal_the_reference(mode, flash, monkeypatch):
-    """The CPU kernel takes the batch in slices of <= MASK_CHUNK mask elements; an all-dropped row sits in a later one."""
+    """The CPU kernel works in batch slices of <= MASK_CHUNK mask elements; an all-dropped row is in slice 2."""
     monkeypatch.setattr(dropkey, "MASK_CHUNK", 2 * 3 * 17 * 17)       # slices of 2 of the 5 batch rows
     q, k, v = _qkv(B=5, N=17, seed=40, grad=True)
     keep = dropkey.sample_keep_mask((5, 3, 17, 17), "dropkey", 0.4, generator=_gen(41))
@@ -928,8 +940,9 @@ def test_fast_path_without_the_private_cpu_kernel_falls_back_to_public_sdpa(monk
     q, k, v = _qkv(B=2, N=17, seed=66, grad=True)
     keep = dropkey.sample_keep_mask((2, 3, 17, 17), "dropkey", 0.5, generator=_gen(67))
     bias = torch.randn(2, 3, 17, 17, generator=_gen(68))
-    expected = _out_and_grads(_attend(q, k, v, "dropkey", 0.5, False, keep_mask=keep, attn_mask=bias), (q, k, v))
-    assert dropkey._CPU_FLASH is not None                             # this torch has it: both branches are tested
+    explicit = _attend(q, k, v, "dropkey", 0.5, False, keep_mask=keep, attn_mask=bias)
+    expected = _out_and_grads(explicit, (q, k, v))
+    assert dropkey._CPU_FLASH is not None  # this torch has it: both branches are tested
     for kernel in [dropkey._CPU_FLASH, None]:
         monkeypatch.setattr(dropkey, "_CPU_FLASH", kernel)
         out = _attend(q, k, v, "dropkey", 0.5, True, keep_mask=keep, attn_mask=bias)
@@ -1360,7 +1373,7 @@ def test_docs_every_readme_train_command_passes_dry_run(tmp_path, monkeypatch, c
 
 
 def test_docs_every_readme_python_snippet_runs_alone_and_twice(tmp_path, monkeypatch, capsys):
-    """Every Python block of the README runs pasted alone into a fresh `python`, twice; key values are checked.
+    """Every Python block of the README runs pasted alone into a fresh `python`, twice; key values checked.
 
     A training call gets a tiny model and one epoch appended (its flags override the snippet's), and
     run folders under /tmp/ex land in tmp_path instead, so the test writes nothing else.
@@ -1395,13 +1408,14 @@ def test_docs_every_readme_python_snippet_runs_alone_and_twice(tmp_path, monkeyp
     out = capsys.readouterr().out
     assert all(f"\n{mode}: keep mask" in out for mode in dropkey.MODES)   # the step-through
     assert "dropkey == dropattention: True" in out                       # Exercise 1
-    for how in ("enumeration", "expected_weights"):                     # Exercise 2, the values worked by hand
+    for how in ("enumeration", "expected_weights"):  # Exercise 2, the values worked by hand
         c = re.search(rf"c by {how}: +tensor\(\[([^\]]*)\]", out)[1]
         assert [round(float(x), 3) for x in c.split(",")] == [0.776, 1.118, 1.991], how
     per_query, column = (float(x) for x in re.findall(r"of the mean over queries (\S+)", out)[:2])
-    assert column > 1.5 * per_query      # Exercise 8, "about twice": 2.2 measured; stds of 5000 masks are good to ~1 %
-    assert patched and all(patched)                                      # trained with the wrapper, then undone
-    assert any(len(s) == 4 and s[2] == 1 for s in shapes)                # column masks (B, H, 1, N) were drawn
+    # Exercise 8, "about twice": 2.2 measured; stds of 5000 masks are good to ~1 %
+    assert column > 1.5 * per_query
+    assert patched and all(patched)  # trained with the wrapper, then undone
+    assert any(len(s) == 4 and s[2] == 1 for s in shapes)  # column masks (B, H, 1, N) were drawn
 
 
 # ============================================================================ notebook: theory.ipynb
