@@ -883,7 +883,7 @@ def test_fast_path_under_autocast_equals_the_explicit_path(dtype, monkeypatch):
 @pytest.mark.parametrize("mode", ["dropkey", "dropattention", "vanilla", "none"])
 @pytest.mark.parametrize("flash", [True, False])
 def test_fast_path_batch_slices_of_mask_chunk_elements_equal_the_reference(mode, flash, monkeypatch):
-    """The CPU kernel works in batch slices of <= MASK_CHUNK mask elements; an all-dropped row is in slice 2."""
+    """The CPU kernel works in batch slices of <= MASK_CHUNK mask elements; an all-dropped row in slice 2."""
     monkeypatch.setattr(dropkey, "MASK_CHUNK", 2 * 3 * 17 * 17)       # slices of 2 of the 5 batch rows
     q, k, v = _qkv(B=5, N=17, seed=40, grad=True)
     keep = dropkey.sample_keep_mask((5, 3, 17, 17), "dropkey", 0.4, generator=_gen(41))
