@@ -582,12 +582,12 @@ def summarize(folders, baseline=None):
         cells = []
         for i in others:
             runs = list(groups.values())[i]
-            d = np.array([runs[s][k] - base[s][k] for s in sorted(runs, key=str)
+            d = np.array([runs[s][k] - base[s][k] for s in sorted(runs)
                           if s in base and k in runs[s] and k in base[s]])
             f = fmt([d.mean()] if len(d) else [])
             half = t_975(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else math.nan
             agree = int((np.sign(d) == np.sign(d.mean())).sum() if d.mean() else 0) if len(d) else 0
-            cells.append("no shared seed" if not len(d) else f"{'+' * (d.mean() > 0)}{f(d.mean())} [{f(d.mean() - half)}, "
+            cells.append("no shared seed" if not len(d) else f"{'+' * bool(d.mean() > 0)}{f(d.mean())} [{f(d.mean() - half)}, "
                          f"{f(d.mean() + half)}], {agree} of {len(d)}" if len(d) > 1 else f"{f(d.mean())} (1 seed)")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -704,7 +704,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.baseline is not None and args.summarize is None:
         parser.error("--baseline needs --summarize")
+    if args.baseline is not None and not all(k and "=" in k for k in args.baseline.split(",")):
+        parser.error(f"--baseline {args.baseline}: expected KEY=VALUE[,KEY=VALUE...], e.g. mode=none")
     if args.summarize is not None:
+        if args.dry_run:  # checks the flags only: the run folders may not exist yet
+            print(f"dry run: configuration is valid; would summarize {len(args.summarize)} run folders")
+            return
         try:
             print(summarize(args.summarize, args.baseline))
         except DataError as e:
