@@ -1154,10 +1154,10 @@ Left out, not finished: {tmp_path / "none-9"}.
 | occlusion[0.5] | 0.3000 ± 0.0000 | 0.5000 ± 0.1000 | — |
 | train_acc - test_acc | 0.3000 ± 0.1000 | 0.1000 ± 0.1732 | 0.0000 |
 
-Differences against mode=none, paired by seed: mean [95% paired-t interval], seeds with the sign of the mean \
-(a zero difference counts against).
+Each configuration minus mode=none, paired by seed: mean difference [95% paired-t interval], seeds whose \
+difference has the sign of the mean (a zero counts against).
 
-| metric | mode=dropkey − mode=none | mode=vanilla − mode=none |
+| metric | mode=dropkey | mode=vanilla |
 |---|---|---|
 | test_acc | +0.1000 [-0.1484, 0.3484], 2 of 3 | no shared seed |
 | train_acc | -0.1000 [-0.1000, -0.1000], 3 of 3 | no shared seed |

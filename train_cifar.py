@@ -548,23 +548,22 @@ def summarize(folders, baseline=None):
         runs[seed] = values
     if not groups:
         raise DataError("none of the given run folders holds a finished run")
-    configs = [json.loads(key) for key in groups]
+    configs, groups = [json.loads(key) for key in groups], list(groups.values())  # groups: [{seed: metrics}]
     keys = sorted({k for c in configs for k in c})
     differ = [k for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1]
     names = [",".join(f"{k}={c.get(k)}" for k in differ) or "all" for c in configs]
-    metrics = list(dict.fromkeys(k for runs in groups.values() for v in runs.values() for k in v))
-    fmt = lambda row: (lambda x: f"{x:.4f}") if max(map(abs, row), default=0) < 10 else (lambda x: f"{x:.1f}")
-    lines = [f"{sum(map(len, groups.values()))} runs in {len(groups)} configurations; common to all: "
+    metrics = list(dict.fromkeys(k for runs in groups for v in runs.values() for k in v))
+    values = {k: [np.array([v[k] for v in runs.values() if k in v]) for runs in groups] for k in metrics}
+    decimals = {k: 4 if max(abs(c.mean()) for c in values[k] if len(c)) < 10 else 1 for k in metrics}
+    lines = [f"{sum(map(len, groups))} runs in {len(groups)} configurations; common to all: "
              + ", ".join(f"{k}={configs[0][k]}" for k in keys if k not in differ) + "."]
     if left_out:
         lines.append("Left out, not finished: " + ", ".join(left_out) + ".")
-    lines += ["", "| metric | " + " | ".join(f"{n} (n={len(r)})" for n, r in zip(names, groups.values())) + " |",
+    lines += ["", "| metric | " + " | ".join(f"{n} (n={len(r)})" for n, r in zip(names, groups)) + " |",
               "|---" * (len(groups) + 1) + "|"]
     for k in metrics:
-        cells = [np.array([v[k] for v in runs.values() if k in v]) for runs in groups.values()]
-        f = fmt([c.mean() for c in cells if len(c)])
-        lines.append(f"| {k} | " + " | ".join("—" if not len(c) else f(c.mean()) + (
-            f" ± {f(c.std(ddof=1))}" if len(c) > 1 else "") for c in cells) + " |")
+        lines.append(f"| {k} | " + " | ".join("—" if not len(c) else f"{c.mean():.{decimals[k]}f}" + (
+            f" ± {c.std(ddof=1):.{decimals[k]}f}" if len(c) > 1 else "") for c in values[k]) + " |")
     if baseline is None:
         return "\n".join(lines)
     want = dict(item.partition("=")[::2] for item in baseline.split(","))
@@ -572,23 +571,20 @@ def summarize(folders, baseline=None):
     if len(matches) != 1:
         raise DataError(f"--baseline {baseline} matches {len(matches)} configurations, not 1; they are: "
                         + "; ".join(names))
-    base = list(groups.values())[matches[0]]
-    others = [i for i in range(len(groups)) if i != matches[0]]
-    lines += ["", f"Differences against {names[matches[0]]}, paired by seed: mean [95% paired-t interval], "
-              "seeds with the sign of the mean (a zero difference counts against).", "",
-              "| metric | " + " | ".join(f"{names[i]} − {names[matches[0]]}" for i in others) + " |",
-              "|---" * (len(others) + 1) + "|"]
+    base, others = groups[matches[0]], [i for i in range(len(groups)) if i != matches[0]]
+    lines += ["", f"Each configuration minus {names[matches[0]]}, paired by seed: mean difference [95% paired-t "
+              "interval], seeds whose difference has the sign of the mean (a zero counts against).", "",
+              "| metric | " + " | ".join(names[i] for i in others) + " |", "|---" * (len(others) + 1) + "|"]
     for k in metrics:
-        cells = []
-        for i in others:
-            runs = list(groups.values())[i]
-            d = np.array([runs[s][k] - base[s][k] for s in sorted(runs)
-                          if s in base and k in runs[s] and k in base[s]])
-            f = fmt([d.mean()] if len(d) else [])
-            half = t_975(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else math.nan
-            agree = int((np.sign(d) == np.sign(d.mean())).sum() if d.mean() else 0) if len(d) else 0
-            cells.append("no shared seed" if not len(d) else f"{'+' * bool(d.mean() > 0)}{f(d.mean())} [{f(d.mean() - half)}, "
-                         f"{f(d.mean() + half)}], {agree} of {len(d)}" if len(d) > 1 else f"{f(d.mean())} (1 seed)")
+        cells, p = [], decimals[k]
+        for runs in (groups[i] for i in others):
+            d = np.array([runs[s][k] - base[s][k] for s in sorted(runs) if s in base and k in runs[s] and k in base[s]])
+            if len(d) < 2:
+                cells.append(f"{d[0]:+.{p}f} (1 seed)" if len(d) else "no shared seed")
+                continue
+            mean, half = d.mean(), t_975(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+            agree = int((np.sign(d) == np.sign(mean)).sum()) if mean else 0
+            cells.append(f"{mean:+.{p}f} [{mean - half:.{p}f}, {mean + half:.{p}f}], {agree} of {len(d)}")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
