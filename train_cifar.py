@@ -529,6 +529,7 @@ def summarize(folders, baseline=None):
             with open(os.path.join(folder, "metrics.json")) as f:
                 m = json.load(f)
             config = dict(m["config"])
+            seed = config.pop("seed")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{folder} holds no readable metrics.json of a run ({type(e).__name__}: {e})") from None
         if not m.get("finished"):
@@ -540,7 +541,6 @@ def summarize(folders, baseline=None):
         for train_key in ("train_acc", "train_acc_eval"):
             if train_key in values and "test_acc" in values:
                 values[f"{train_key} - test_acc"] = values[train_key] - values["test_acc"]
-        seed = config.pop("seed")
         config.pop("out", None)
         runs = groups.setdefault(json.dumps(config, sort_keys=True), {})
         if seed in runs:
