@@ -1436,3 +1436,112 @@ def test_theory_notebook_runs_with_every_assert_passing():
     client = nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3",
                                      resources={"metadata": {"path": str(here)}})
     client.execute()  # raises CellExecutionError with the failing cell and its traceback
+
+
+# ============================================================================ over-fitting study: --label-noise, --summarize
+
+def _fake_run(folder, mode, seed, finished=True, **metrics):
+    """A run folder with only what --summarize reads: metrics.json with a config, `finished` and metrics."""
+    folder.mkdir(parents=True)
+    config = dict(mode=mode, epochs=3, seed=seed, out=str(folder))
+    (folder / "metrics.json").write_text(json.dumps(dict(metrics, finished=finished, config=config)))
+    return str(folder)
+
+
+def test_summarize_prints_mean_sd_and_seed_paired_differences_exactly(tmp_path, capsys):
+    """Numbers worked by hand. dropkey - none per seed: test_acc 0.1, 0.0, 0.2 (mean 0.1, sd 0.1, t_975(2) = 4.303,
+    half-width 4.303 * 0.1 / sqrt(3) = 0.2484; the zero counts against: 2 of 3); occlusion 0.1, 0.2, 0.3; gap -0.2, -0.1, -0.3."""
+    folders = [_fake_run(tmp_path / f"none-{s}", "none", s, test_acc=a, train_acc=0.9, occlusion={"0.5": 0.3})
+               for s, a in enumerate((0.5, 0.6, 0.7))]
+    folders += [_fake_run(tmp_path / f"dropkey-{s}", "dropkey", s, test_acc=a, train_acc=0.8, occlusion={"0.5": o})
+                for s, a, o in ((0, 0.6, 0.4), (1, 0.6, 0.5), (2, 0.9, 0.6))]
+    folders += [_fake_run(tmp_path / "vanilla-5", "vanilla", 5, test_acc=0.5, train_acc=0.5),
+                _fake_run(tmp_path / "none-9", "none", 9, finished=False, test_acc=0.0)]
+    train_cifar.main(["--summarize", *folders, "--baseline", "mode=none"])
+    assert capsys.readouterr().out == f"""\
+7 runs in 3 configurations; common to all: epochs=3.
+Left out, not finished: {tmp_path / "none-9"}.
+
+| metric | mode=none (n=3) | mode=dropkey (n=3) | mode=vanilla (n=1) |
+|---|---|---|---|
+| test_acc | 0.6000 ± 0.1000 | 0.7000 ± 0.1732 | 0.5000 |
+| train_acc | 0.9000 ± 0.0000 | 0.8000 ± 0.0000 | 0.5000 |
+| occlusion[0.5] | 0.3000 ± 0.0000 | 0.5000 ± 0.1000 | — |
+| train_acc - test_acc | 0.3000 ± 0.1000 | 0.1000 ± 0.1732 | 0.0000 |
+
+Each configuration minus mode=none, paired by seed: mean difference [95% paired-t interval], seeds whose \
+difference has the sign of the mean (a zero counts against).
+
+| metric | mode=dropkey | mode=vanilla |
+|---|---|---|
+| test_acc | +0.1000 [-0.1484, 0.3484], 2 of 3 | no shared seed |
+| train_acc | -0.1000 [-0.1000, -0.1000], 3 of 3 | no shared seed |
+| occlusion[0.5] | +0.2000 [-0.0484, 0.4484], 3 of 3 | no shared seed |
+| train_acc - test_acc | -0.2000 [-0.4484, 0.0484], 3 of 3 | no shared seed |
+"""
+
+
+def test_summarize_t_quantiles_match_the_table_and_join_the_normal_quantile():
+    assert (train_cifar.t_975(1), train_cifar.t_975(4), train_cifar.t_975(30)) == (12.706, 2.776, 2.042)
+    assert abs(train_cifar.t_975(31) - 2.0395) < 2e-4 and abs(train_cifar.t_975(120) - 1.9799) < 2e-4
+    assert abs(train_cifar.t_975(10 ** 6) - 1.95997) < 1e-4               # -> z_0.975
+    ts = [train_cifar.t_975(df) for df in range(1, 200)]
+    assert all(a > b for a, b in zip(ts, ts[1:]))                      # falls steadily, also across df 30 -> 31
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--baseline", "mode=none"], "--baseline needs --summarize"),
+    (["--summarize", "x", "--baseline", "none"], "expected KEY=VALUE"),
+    (["--summarize", "missing"], "missing holds no readable metrics.json"),
+    (["--summarize", "{a}", "{b}", "--baseline", "mode=vanilla"], "matches 0 configurations, not 1"),
+    (["--summarize", "{a}", "{a2}"], "repeats seed 0 of a configuration"),
+])
+def test_summarize_bad_input_is_one_error_line(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    runs = dict(a=_fake_run(tmp_path / "a", "none", 0, test_acc=0.5), b=_fake_run(tmp_path / "b", "dropkey", 0),
+                a2=_fake_run(tmp_path / "a2", "none", 0, test_acc=0.6))
+    with pytest.raises(SystemExit) as stop:
+        train_cifar.main([word.format(**runs) for word in argv])
+    err = capsys.readouterr().err if stop.value.code == 2 else stop.value.code  # parser error or sys.exit(text)
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_label_noise_moves_exactly_that_fraction_of_training_labels_to_other_classes():
+    labels = torch.arange(1000) % 10
+    noisy = train_cifar.noisy_labels(labels, 0.4, 10, seed=3)
+    changed = noisy != labels
+    assert changed.sum() == 400 and noisy.min() >= 0 and noisy.max() <= 9
+    assert torch.equal(noisy, train_cifar.noisy_labels(labels, 0.4, 10, seed=3))   # the seed fixes them
+    assert not torch.equal(noisy, train_cifar.noisy_labels(labels, 0.4, 10, seed=4))
+    shift = (noisy - labels)[changed] % 10                                # uniform on 1..9: 400/9 = 44.4 each,
+    counts = torch.bincount(shift, minlength=10)                          # binomial sd 6.4; 4 sd = 26
+    assert counts[0] == 0 and ((counts[1:] - 400 / 9).abs() < 26).all()
+
+
+def test_label_noise_run_keeps_clean_test_labels_and_reports_train_acc_eval(tmp_path, capsys):
+    """A tiny run end to end: the noisy training labels are the ones trained on, the test split is untouched,
+    metrics.json gains train_acc_eval, and --summarize reads the run."""
+    cfg = argparse.Namespace(dataset="synthetic", limit_train=256, limit_test=128, label_noise=0.25, seed=0)
+    data, clean = train_cifar.load_data(cfg, torch.device("cpu")), train_cifar.load_data(
+        argparse.Namespace(**{**vars(cfg), "label_noise": 0.0}), torch.device("cpu"))
+    assert (data["train"][1] != clean["train"][1]).sum() == 64 and torch.equal(data["test"][1], clean["test"][1])
+    with _one_thread():
+        train_cifar.main(TINY + ["--epochs", "1", "--label-noise", "0.25", "--out", str(tmp_path / "run")])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 0 <= metrics["train_acc_eval"] <= 1 and metrics["config"]["label_noise"] == 0.25
+    capsys.readouterr()
+    train_cifar.main(["--summarize", str(tmp_path / "run")])
+    assert "| train_acc_eval - test_acc | " in capsys.readouterr().out
+
+
+def test_readme_overfit_plot_snippet_draws_a_small_png_from_log_jsonl(tmp_path, monkeypatch):
+    """The README's `<!-- plot-snippet -->` block, run on a log.jsonl written here in place of the study's run."""
+    snippet = re.search(r"<!-- plot-snippet -->\n```python\n(.*?)```", README.read_text(), re.S)[1]
+    folder = re.search(r"open\(\"([^\"]+)/log.jsonl\"\)", snippet)[1]
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(folder)
+    rows = [dict(epoch=e, stage="train", train_acc=e / 10, test_acc=0.5 - abs(e - 5) / 20) for e in range(1, 11)]
+    pathlib.Path(folder, "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    exec(compile(snippet, "README plot snippet", "exec"), {"__name__": "__main__"})
+    png = re.search(r"savefig\(\"([^\"]+)\"", snippet)[1]
+    assert pathlib.Path(png).read_bytes()[:4] == b"\x89PNG" and os.path.getsize(png) <= 100_000

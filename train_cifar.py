@@ -192,6 +192,22 @@ def synthetic(n, seed, split="train", chunk=1000):
     return torch.cat(images)[:n], torch.cat(labels)[:n]
 
 
+def noisy_labels(labels, fraction, classes, seed):
+    """A copy of `labels` in which round(fraction * n) of them, chosen by `seed`, move to another class.
+
+    The new class is drawn uniformly from the other classes-1. Such labels can
+    only be memorised, never learnt from the images: the README's over-fitting
+    study uses them (--label-noise) to give a regulariser something to do.
+    Only training labels are ever changed; the test split stays clean.
+    """
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 2]).generate_state(1)[0]))
+    changed = torch.randperm(len(labels), generator=g)[:round(fraction * len(labels))]
+    shift = torch.randint(1, classes, (len(changed),), generator=g)     # never 0: the class always changes
+    noisy = labels.cpu().clone()
+    noisy[changed] = (noisy[changed] + shift) % classes
+    return noisy.to(labels.device)
+
+
 def load_data(cfg, device):
     """Both splits as uint8 images and int64 labels on `device`, plus the class count, mean and std."""
     limit = {"train": cfg.limit_train, "test": cfg.limit_test}
@@ -206,6 +222,9 @@ def load_data(cfg, device):
             batches = [read_batch(os.path.join(folder, name), spec) for name in spec[s]]
             splits[s] = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
     data = {s: (x[:limit[s]].to(device), y[:limit[s]].to(device)) for s, (x, y) in splits.items()}
+    noise = getattr(cfg, "label_noise", 0.0)  # configurations saved before --label-noise existed had none
+    if noise:
+        data["train"] = (data["train"][0], noisy_labels(data["train"][1], noise, spec["classes"], cfg.seed))
     stats = {k: torch.tensor(spec[k], device=device).view(1, 3, 1, 1) for k in ("mean", "std")}
     return dict(data, classes=spec["classes"], **stats)
 
@@ -345,6 +364,9 @@ def paper_evaluations(model, data, cfg, plain_seconds):
             results[f"test_acc_{key}"] = evaluate(model, data, cfg)[1]
         seconds[key] = time.perf_counter() - start
     results.update(eval_time_s=seconds, cls_attention_entropy=entropy_per_layer(model, data, cfg))
+    # the training split in eval mode (no dropout, no augmentation, its labels as trained on): train_acc_eval -
+    # test_acc is the generalisation gap; train_acc is measured during the epoch, under dropout and augmentation
+    results["train_acc_eval"] = evaluate(model, dict(data, test=data["train"]), cfg)[1]
     if cfg.occlusion:
         results["occlusion"] = occlusion(model, data, cfg)
     if cfg.attention_map:
@@ -480,6 +502,93 @@ def train(cfg, checkpoint, progress):
     print(json.dumps({k: round(v, 4) for k, v in metrics.items() if k.startswith("test_acc")}))
 
 
+# ----------------------------------------------------------------------------- summarize
+
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_975(df):
+    """The 0.975 quantile of Student's t: the 3-decimal table for df <= 30, else its expansion around z = 1.96."""
+    if df <= 30:
+        return T_975[df - 1]
+    z = 1.959964  # Cornish-Fisher: error < 1e-4 from df = 31 on
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def summarize(folders, baseline=None):
+    """A Markdown table of finished runs grouped by configuration (all but seed and out), mean ± sd per metric.
+
+    With `baseline` ("key=value,..." naming one group): each other group minus the baseline, paired by seed:
+    mean difference, 95% paired-t interval (mean ± t_975(n-1) sd / sqrt(n)), and in how many seeds the
+    difference has the sign of the mean.
+    """
+    groups, left_out = {}, []
+    for folder in folders:
+        try:
+            with open(os.path.join(folder, "metrics.json")) as f:
+                m = json.load(f)
+            config = dict(m["config"])
+            seed = config.pop("seed")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{folder} holds no readable metrics.json of a run ({type(e).__name__}: {e})") from None
+        if not m.get("finished"):
+            left_out.append(folder)
+            continue
+        values = {k: v for k, v in m.items() if type(v) in (int, float)}
+        values.update({f"{k}[{j}]": x for k, v in m.items() if isinstance(v, dict) and k != "config"  # occlusion, ...
+                       for j, x in v.items() if type(x) in (int, float)})
+        for train_key in ("train_acc", "train_acc_eval"):
+            if train_key in values and "test_acc" in values:
+                values[f"{train_key} - test_acc"] = values[train_key] - values["test_acc"]
+        config.pop("out", None)
+        runs = groups.setdefault(json.dumps(config, sort_keys=True), {})
+        if seed in runs:
+            raise DataError(f"{folder} repeats seed {seed} of a configuration; give each seed one run folder")
+        runs[seed] = values
+    if not groups:
+        raise DataError("none of the given run folders holds a finished run")
+    configs, groups = [json.loads(key) for key in groups], list(groups.values())  # groups: [{seed: metrics}]
+    keys = sorted({k for c in configs for k in c})
+    differ = [k for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1]
+    names = [",".join(f"{k}={c.get(k)}" for k in differ) or "all" for c in configs]
+    metrics = list(dict.fromkeys(k for runs in groups for v in runs.values() for k in v))
+    values = {k: [np.array([v[k] for v in runs.values() if k in v]) for runs in groups] for k in metrics}
+    decimals = {k: 4 if max(abs(c.mean()) for c in values[k] if len(c)) < 10 else 1 for k in metrics}
+    lines = [f"{sum(map(len, groups))} runs in {len(groups)} configurations; common to all: "
+             + ", ".join(f"{k}={configs[0][k]}" for k in keys if k not in differ) + "."]
+    if left_out:
+        lines.append("Left out, not finished: " + ", ".join(left_out) + ".")
+    lines += ["", "| metric | " + " | ".join(f"{n} (n={len(r)})" for n, r in zip(names, groups)) + " |",
+              "|---" * (len(groups) + 1) + "|"]
+    for k in metrics:
+        lines.append(f"| {k} | " + " | ".join("—" if not len(c) else f"{c.mean():.{decimals[k]}f}" + (
+            f" ± {c.std(ddof=1):.{decimals[k]}f}" if len(c) > 1 else "") for c in values[k]) + " |")
+    if baseline is None:
+        return "\n".join(lines)
+    want = dict(item.partition("=")[::2] for item in baseline.split(","))
+    matches = [i for i, c in enumerate(configs) if all(str(c.get(k)) == v for k, v in want.items())]
+    if len(matches) != 1:
+        raise DataError(f"--baseline {baseline} matches {len(matches)} configurations, not 1; they are: "
+                        + "; ".join(names))
+    base, others = groups[matches[0]], [i for i in range(len(groups)) if i != matches[0]]
+    lines += ["", f"Each configuration minus {names[matches[0]]}, paired by seed: mean difference [95% paired-t "
+              "interval], seeds whose difference has the sign of the mean (a zero counts against).", "",
+              "| metric | " + " | ".join(names[i] for i in others) + " |", "|---" * (len(others) + 1) + "|"]
+    for k in metrics:
+        cells, p = [], decimals[k]
+        for runs in (groups[i] for i in others):
+            d = np.array([runs[s][k] - base[s][k] for s in sorted(runs) if s in base and k in runs[s] and k in base[s]])
+            if len(d) < 2:
+                cells.append(f"{d[0]:+.{p}f} (1 seed)" if len(d) else "no shared seed")
+                continue
+            mean, half = d.mean(), t_975(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+            agree = int((np.sign(d) == np.sign(mean)).sum()) if mean else 0
+            cells.append(f"{mean:+.{p}f} [{mean - half:.{p}f}, {mean + half:.{p}f}], {agree} of {len(d)}")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- main
 
 def number(kind, low, high=None, low_open=False):
@@ -507,6 +616,8 @@ def build_parser():
     add("--dataset", default="cifar10", choices=("cifar10", "cifar100", "synthetic"), help="synthetic: offline")
     add("--data-dir", default="data", help="holds the CIFAR tarball and folder; downloaded if missing")
     add("--limit-train", type=count, default=None, help="use the first N training images (all if unset)")
+    add("--label-noise", type=number(float, 0.0, 1.0), default=0.0,
+        help="move this fraction of the training labels to another class (test labels stay clean)")
     add("--limit-test", type=count, default=None, help="use the first N test images (all if unset)")
     add("--mode", default="dropkey", choices=dropkey.MODES, help="attention dropout (README, Modes)")
     add("--drop-ratio", type=number(float, 0.0, 1.0), default=0.3, help="d; the paper's CIFAR setting")
@@ -536,10 +647,14 @@ def build_parser():
     add("--resume", default=None, metavar="DIR", help="continue the run in DIR with its saved configuration")
     add("--progress", default="auto", choices=("auto", "on", "off"), help="progress bar; auto: on a terminal")
     add("--dry-run", action="store_true", help="check the configuration, build the model, exit")
+    add("--summarize", nargs="+", metavar="DIR", help="print a Markdown table of these finished runs, grouped "
+        "by configuration (everything but seed and out), mean ± sd of every scalar metric; trains nothing")
+    add("--baseline", metavar="KEY=VALUE[,...]", help="with --summarize: the configuration to subtract, e.g. "
+        "mode=none or mode=dropkey,schedule=constant; pairs the runs of each other configuration with it by seed")
     return p
 
 
-RUNTIME_FLAGS = ("out", "resume", "progress", "dry_run")  # not saved as part of a run's configuration
+RUNTIME_FLAGS = ("out", "resume", "progress", "dry_run", "summarize", "baseline")  # not saved as part of a run's configuration
 
 
 def resolve_config(args, parser):
@@ -583,6 +698,19 @@ def check_config(cfg, parser):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.baseline is not None and args.summarize is None:
+        parser.error("--baseline needs --summarize")
+    if args.baseline is not None and not all(k and "=" in k for k in args.baseline.split(",")):
+        parser.error(f"--baseline {args.baseline}: expected KEY=VALUE[,KEY=VALUE...], e.g. mode=none")
+    if args.summarize is not None:
+        if args.dry_run:  # checks the flags only: the run folders may not exist yet
+            print(f"dry run: configuration is valid; would summarize {len(args.summarize)} run folders")
+            return
+        try:
+            print(summarize(args.summarize, args.baseline))
+        except DataError as e:
+            sys.exit(f"error: {e}")
+        return
     cfg = None
     try:
         cfg, checkpoint = resolve_config(args, parser)
