@@ -914,7 +914,7 @@ def test_trainer_cli_run_on_synthetic_writes_every_metric(tmp_path):
     assert rows[2]["lr"] == 1e-5 and rows[1]["test_acc"] == metrics["test_acc"]
     assert (out / "attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 3
-    assert sorted(os.listdir(out)) == ["attention.png", "checkpoint.pt", "log.jsonl", "metrics.json"]  # no .tmp
+    assert sorted(os.listdir(out)) == [".lock", "attention.png", "checkpoint.pt", "log.jsonl", "metrics.json"]  # no .tmp
     assert sum(line[:5].strip().isdigit() for line in run.stdout.splitlines()) == 3   # one row per epoch
 
 
