@@ -1129,6 +1129,7 @@ def test_theory_notebook_runs_with_every_assert_passing():
 
 import errno                                                             # noqa: E402 (kept in this section)
 import http.server                                                       # noqa: E402
+import shutil                                                            # noqa: E402
 import threading                                                         # noqa: E402
 import time                                                              # noqa: E402
 
@@ -1302,9 +1303,6 @@ def test_run_folder_damaged_checkpoint_is_refused_with_one_line(small_run, tmp_p
     assert _folder(out)[1] == _folder(small_run)[1]                      # nothing was rewritten
 
 
-import shutil                                                            # noqa: E402
-
-
 def test_run_folder_has_one_writer_and_a_stale_lock_does_not_block(small_run, tmp_path, monkeypatch):
     import fcntl
     out = tmp_path / "run"
@@ -1460,3 +1458,14 @@ def test_run_folder_download_has_an_overall_deadline(tmp_path, monkeypatch):
             train_cifar.download(url, str(path))
     assert time.monotonic() - start < 5
     assert 0 < (tmp_path / "cifar-10-python.tar.gz.part").stat().st_size < len(_Server.blob)  # kept to continue
+
+
+def test_run_folder_other_file_system_faults_are_one_line_before_any_data_is_read(tmp_path, monkeypatch):
+    out = tmp_path / "run"                                               # e.g. a mount that turned read-only
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+    monkeypatch.setattr(os, "makedirs", read_only)
+    monkeypatch.setattr(train_cifar, "load_data", lambda *a: pytest.fail("read data before creating the folder"))
+    assert _run(SMALL + ["--out", str(out)]) == (f"error: [Errno 30] Read-only file system: '{out}'; "
+                                                 f"check that path, its permissions and the free space")
