@@ -579,6 +579,7 @@ def train(cfg, checkpoint, progress):
     optimizer = build_optimizer(model, cfg)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and augmentation
     start, step, history, results = 0, 0, [], {}
+    os.makedirs(cfg.out, exist_ok=True)
     for name in os.listdir(cfg.out):  # left by a run that died writing; this process holds the folder's lock
         if name.endswith(".tmp"):
             os.remove(os.path.join(cfg.out, name))
