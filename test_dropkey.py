@@ -6,19 +6,23 @@ over n Bernoulli(d) draws must lie within 4 sigma = 4 sqrt(d (1 - d) / n).
 import argparse
 import builtins
 import contextlib
+import errno
 import hashlib
+import http.server
 import io
 import json
 import math
 import os
 import pathlib
 import pickle
-import shutil
 import re
+import shutil
 import struct
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -1233,7 +1237,7 @@ def test_trainer_cli_run_on_synthetic_writes_every_metric(tmp_path):
     assert rows[2]["lr"] == 1e-5 and rows[1]["test_acc"] == metrics["test_acc"]
     assert (out / "attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 3
-    assert sorted(os.listdir(out)) == ["attention.png", "checkpoint.pt", "log.jsonl", "metrics.json"]  # no .tmp
+    assert sorted(os.listdir(out)) == [".lock", "attention.png", "checkpoint.pt", "log.jsonl", "metrics.json"]  # no .tmp
     assert sum(line[:5].strip().isdigit() for line in run.stdout.splitlines()) == 3   # one row per epoch
 
 
@@ -1540,3 +1544,345 @@ def test_label_noise_run_keeps_clean_test_labels_and_reports_train_acc_eval(tmp_
     capsys.readouterr()
     train_cifar.main(["--summarize", str(tmp_path / "run")])
     assert "| train_acc_eval - test_acc | " in capsys.readouterr().out
+
+
+# ============================================================================ trainer: the run folder
+# Crash consistency, divergence, checksum, one writer, one-line faults, download, resume (train_cifar.py).
+# Crashes and faults are injected by wrapping the file-commit calls (os.replace, os.fsync) or with mocks.
+
+SMALL = ["--dataset", "synthetic", "--limit-train", "64", "--limit-test", "32", "--batch-size", "32", "--dim", "16",
+         "--depth", "1", "--heads", "2", "--patch-size", "8", "--warmup-epochs", "0", "--progress", "off",
+         "--epochs", "2", "--finetune-epochs", "1"]                    # 2 steps per epoch, 3 epochs, 9 commits
+
+
+class _Killed(BaseException):
+    """Stands for kill -9: no handler of the trainer catches it, so no cleanup code of its runs."""
+
+
+def _strict_json(text):
+    def refuse(token):
+        raise ValueError(f"{token} is not strict JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def _folder(out):
+    """The run folder as a reader sees it: checkpoint epoch, log rows, metrics (strict JSON), file names."""
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True) if (out / "checkpoint.pt").exists() else None
+    log = [_strict_json(line) for line in (out / "log.jsonl").read_text().splitlines()] \
+        if (out / "log.jsonl").exists() else []
+    metrics = _strict_json((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else None
+    return checkpoint, log, metrics, sorted(os.listdir(out))
+
+
+def _fail_at(monkeypatch, name, k, error):
+    """Make the k-th call of os.<name> (counted from now) raise `error` instead of running."""
+    real, calls = getattr(os, name), []
+
+    def wrapped(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == k:
+            raise error
+        return real(*args, **kwargs)
+    monkeypatch.setattr(os, name, wrapped)
+    return calls
+
+
+def _run(argv):
+    """main(argv) in-process with one thread; the SystemExit message (None on success)."""
+    with _one_thread():
+        try:
+            train_cifar.main(argv)
+        except SystemExit as stop:
+            return stop.code
+    return None
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("small") / "run"
+    assert _run(SMALL + ["--out", str(out)]) is None
+    return out
+
+
+def _assert_same_final_folder(out, reference):
+    assert _without_timing(out) == _without_timing(reference)
+    resumed, whole = (torch.load(run / "checkpoint.pt", weights_only=True) for run in (out, reference))
+    for name, tensor in whole["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    for index, state in whole["optimizer"]["state"].items():
+        assert all(torch.equal(resumed["optimizer"]["state"][index][k], v) for k, v in state.items())
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint.pt", "log.jsonl", "metrics.json"]   # no .tmp
+
+
+@pytest.mark.parametrize("fault", ["kill", "ctrl-c"])
+@pytest.mark.parametrize("k", range(1, 10))  # each of the 9 commits (3 epochs x 3 files), killed just before it
+def test_run_folder_killed_at_any_commit_is_consistent_and_resumes_to_the_uninterrupted_folder(
+        small_run, tmp_path, monkeypatch, k, fault):
+    out = tmp_path / "run"
+    calls = _fail_at(monkeypatch, "replace", k, _Killed() if fault == "kill" else KeyboardInterrupt())
+    with pytest.raises(_Killed) if fault == "kill" else contextlib.nullcontext():
+        message = _run(SMALL + ["--out", str(out)])
+    monkeypatch.undo()
+    assert len(calls) == k
+    checkpoint, log, metrics, _ = _folder(out)
+    epoch = checkpoint["epoch"] if checkpoint else 0
+    assert epoch == (k + 1) // 3                                         # the checkpoint is the commit
+    assert epoch - 1 <= len(log) <= epoch                                # log and metrics: never ahead of it,
+    assert (metrics["epochs_done"] if metrics else 0) in (len(log), len(log) - 1)   # at most one epoch behind
+    assert not (metrics and metrics["finished"]) or epoch == 3           # finished: true only when all is final
+    if fault == "ctrl-c":                                                # the hint only where it can work
+        assert message == "interrupted" + (f"; continue with: python train_cifar.py --resume {out}" if epoch else "")
+    if epoch == 0:                                                       # nothing committed: start again
+        assert _run(SMALL + ["--out", str(out)]) is None
+    else:
+        assert _run(["--resume", str(out)]) is None
+    _assert_same_final_folder(out, small_run)
+    assert _run(["--resume", str(out)]) is None                          # a finished run: nothing to do
+
+
+def test_run_folder_resume_repairs_the_results_of_a_finished_checkpoint(small_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    _run(SMALL + ["--out", str(out)])
+    (out / "metrics.json").write_text((small_run / "metrics.json").read_text().replace('"finished": true', '"finished": false'))
+    (out / "log.jsonl").write_text("".join((small_run / "log.jsonl").read_text().splitlines(True)[:2]))
+    (out / "metrics.json.tmp").write_text("{")
+    (out / "checkpoint.pt.tmp").write_bytes(b"PK")                         # stray: no epoch writes it again
+    assert _run(["--resume", str(out)]) is None
+    assert "has finished all 3 epochs; log.jsonl and metrics.json are complete" in capsys.readouterr().out
+    _assert_same_final_folder(out, small_run)
+
+
+@pytest.mark.parametrize("target", ["loss", "weight"])
+def test_run_folder_divergence_stops_with_one_line_and_keeps_the_last_finite_checkpoint(tmp_path, monkeypatch, target):
+    """An lr of inf at run step 2 (epoch 2's first) makes every weight non-finite: for `loss` epoch 2's second
+    step sees a nan loss; for `weight` it is the epoch's last update, and the weight check finds it."""
+    out, real = tmp_path / "run", train_cifar.get_lr
+    bad_step = 2 if target == "loss" else 3
+    monkeypatch.setattr(train_cifar, "get_lr", lambda step, *a: math.inf if step == bad_step else real(step, *a))
+    message = _run(SMALL + ["--out", str(out)])
+    what = "the loss is nan" if target == "loss" else "its update made a weight non-finite"
+    assert message == (f"error: training diverged in epoch 2, step 2 of 2: {what}; {out} keeps the checkpoint "
+                       f"of epoch 1, the last finite one; try a smaller --lr (this run: 0.001)")
+    checkpoint, log, metrics, names = _folder(out)                      # strict JSON parsers accept every file
+    assert checkpoint["epoch"] == 1 and len(log) == 1 and metrics["epochs_done"] == 1 and not metrics["finished"]
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+    assert names == [".lock", "checkpoint.pt", "log.jsonl", "metrics.json"]
+
+
+def test_run_folder_diverging_cli_run_exits_non_zero_with_one_line(tmp_path):
+    run = subprocess.run([sys.executable, "train_cifar.py", *SMALL[:-4], "--dim", "32", "--depth", "2",
+                          "--limit-train", "256", "--batch-size", "64", "--epochs", "1", "--lr", "1000",
+                          "--out", str(tmp_path / "run")], cwd=HERE, env=ONE_THREAD, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr and run.stderr.count("\n") == 1
+    assert re.match(r"error: training diverged in epoch 1, step \d of 4: .*no checkpoint was written; "
+                    r"try a smaller --lr \(this run: 1000\)", run.stderr)
+    assert os.listdir(tmp_path / "run") == [".lock"]
+
+
+def test_run_folder_json_files_are_strict_with_non_finite_values(tmp_path, monkeypatch):
+    real = train_cifar.evaluate
+    monkeypatch.setattr(train_cifar, "evaluate", lambda *a, **k: (math.inf, real(*a, **k)[1]))
+    assert _run(SMALL + ["--out", str(tmp_path / "run")]) is None
+    _, log, metrics, _ = _folder(tmp_path / "run")                     # parse_constant refuses NaN, Infinity
+    assert metrics["test_loss"] is None and [r["test_loss"] for r in log] == [None] * 3
+
+
+def _rewrite(path, change):
+    """Load a checkpoint, change it, save it again without updating its checksum."""
+    checkpoint = torch.load(path, weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, path)
+
+
+@pytest.mark.parametrize("damage", ["one weight", "64 flipped bytes", "no config", "a foreign file"])
+def test_run_folder_damaged_checkpoint_is_refused_with_one_line(small_run, tmp_path, damage):
+    out = tmp_path / "run"
+    shutil.copytree(small_run, out)
+    path = out / "checkpoint.pt"
+    if damage == "one weight":
+        _rewrite(path, lambda c: c["model"]["head.bias"].__setitem__(0, 0.5))
+        expected = f"error: {path} does not match its checksum"
+    elif damage == "64 flipped bytes":                                   # in the tensor data, the bulk of the file
+        raw = bytearray(path.read_bytes())
+        for i in np.random.default_rng(0).choice(np.arange(len(raw) // 4, 3 * len(raw) // 4), 64, replace=False):
+            raw[i] ^= 0xFF
+        path.write_bytes(bytes(raw))
+        expected = f"error: {path} does not match its checksum"
+    elif damage == "no config":
+        _rewrite(path, lambda c: c.pop("config"))
+        expected = f"error: {path} is not a checkpoint of this train_cifar.py \\(no config\\)"
+    else:
+        torch.save({"weights": torch.zeros(3)}, path)
+        expected = f"error: {path} is not a checkpoint of this train_cifar.py \\(no model, optimizer"
+    message = _run(["--resume", str(out)])
+    assert re.match(expected, message) and "\n" not in message
+    assert _folder(out)[1] == _folder(small_run)[1]                      # nothing was rewritten
+
+
+def test_run_folder_has_one_writer_and_a_stale_lock_does_not_block(small_run, tmp_path, monkeypatch):
+    import fcntl
+    out = tmp_path / "run"
+    shutil.copytree(small_run, out)
+    before = (out / "checkpoint.pt").read_bytes()
+    with open(out / ".lock", "a") as other:                              # another process's lock, as flock sees it
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        message = f"error: {out} is in use by another train_cifar.py process; wait for it to end, or choose another --out"
+        assert _run(["--resume", str(out)]) == message                   # resume of a live run
+        assert _run(SMALL + ["--out", str(out)]) == message              # a second writer
+        assert (out / "checkpoint.pt").read_bytes() == before
+    assert _run(["--resume", str(out)]) is None                          # released: the file alone blocks nothing
+
+
+def test_run_folder_full_disk_is_one_line_removes_its_partial_file_and_resume_finishes(small_run, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _fail_at(monkeypatch, "fsync", 4, OSError(errno.ENOSPC, "No space left on device"))  # epoch 2's checkpoint
+    message = _run(SMALL + ["--out", str(out)])
+    assert message == (f"error: could not write {out / 'checkpoint.pt'} (No space left on device); the run folder "
+                       f"keeps its last complete epoch: free some space or make it writable, then continue with --resume")
+    checkpoint, log, metrics, names = _folder(out)
+    assert checkpoint["epoch"] == 1 and len(log) == 1 and metrics["epochs_done"] == 1
+    assert names == [".lock", "checkpoint.pt", "log.jsonl", "metrics.json"]     # no .tmp filling the disk
+    monkeypatch.undo()
+    assert _run(["--resume", str(out)]) is None
+    _assert_same_final_folder(out, small_run)
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+@pytest.mark.parametrize("case", ["--out is a file", "--out is read-only", "--data-dir is a file"])
+def test_run_folder_unwritable_paths_are_one_line_before_any_data_is_read(tmp_path, monkeypatch, capsys, case, dry_run):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("")
+    (tmp_path / "readonly").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: "readonly" not in str(p) and real_access(p, mode, **k))
+    monkeypatch.setattr(train_cifar, "load_data", lambda *a: pytest.fail("read data before checking the paths"))
+    flag, path, problem = {"--out is a file": ("--out", "file/run", "file is a file, not a folder"),
+                           "--out is read-only": ("--out", "readonly/run", "cannot write in readonly"),
+                           "--data-dir is a file": ("--data-dir", "file", "file is a file, not a folder")}[case]
+    argv = ["--dataset", "cifar10", flag, path] + (["--out", "run"] if flag == "--data-dir" else [])
+    with pytest.raises(SystemExit) as stop:
+        train_cifar.main(argv + (["--dry-run"] if dry_run else []))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"train_cifar.py: error: {flag} {path}: {problem}")
+    assert sorted(os.listdir(tmp_path)) == ["file", "readonly"] and os.listdir(tmp_path / "readonly") == []
+
+
+def test_run_folder_batch_files_without_images_are_one_line(tmp_path):
+    _write_cifar(tmp_path, "cifar10", n=0)
+    with pytest.raises(train_cifar.DataError, match="the train files in .* hold no images; delete"):
+        train_cifar.load_data(_cfg("cifar10", tmp_path), torch.device("cpu"))
+
+
+def test_run_folder_resume_refuses_an_explicit_flag_equal_to_its_default(small_run, capsys):
+    assert _run(["--resume", str(small_run), "--epochs", "100"]) == 2    # 100 is the default, 2 the saved value
+    assert "drop --epochs (saved: 2)" in capsys.readouterr().err
+    assert _run(["--resume", str(small_run), "--epochs", "2", "--progress", "off"]) is None   # as saved: accepted
+
+
+def test_run_folder_checkpoint_saves_the_resolved_device(small_run):
+    checkpoint = torch.load(small_run / "checkpoint.pt", weights_only=True)
+    assert checkpoint["config"]["device"] == "cpu" and "device" not in SMALL   # --device auto, resolved
+
+
+def test_run_folder_resume_on_another_device_restores_what_it_can_and_says_so(small_run, tmp_path, capsys):
+    """A checkpoint written on CUDA (its config and RNG state made so here) continues on the CPU."""
+    out = tmp_path / "run"
+    shutil.copytree(small_run, out)
+    path = out / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint.pop("sha256")
+    checkpoint.update(epoch=2, step=4, history=checkpoint["history"][:2])
+    checkpoint["config"]["device"] = "cuda"
+    checkpoint["rng"]["data"] = torch.zeros(16, dtype=torch.uint8)      # a CUDA generator's state: seed, offset
+    checkpoint["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(dict(checkpoint, sha256=train_cifar.checksum(checkpoint)), path)
+    if not torch.cuda.is_available():
+        assert _run(["--resume", str(out)]) == 2                         # saved on cuda: not here
+        assert "--device cuda, but this torch cannot use it" in capsys.readouterr().err
+    assert _run(["--resume", str(out), "--device", "cpu"]) is None
+    printed = capsys.readouterr().out
+    assert "resuming a cuda run on cpu: weights, optimizer, step, history and the CPU random state are restored" in printed
+    resumed = torch.load(path, weights_only=True)
+    assert resumed["epoch"] == 3 and resumed["config"]["device"] == "cpu"
+    assert _folder(out)[1][:2] == _folder(small_run)[1][:2]             # the restored history
+
+
+def test_run_folder_dry_run_catches_float64_on_mps(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    with pytest.raises(SystemExit):
+        train_cifar.main(["--dry-run", "--device", "mps", "--align", "exact"])
+    assert "--align exact computes in float64, which MPS does not support" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+class _Server(http.server.BaseHTTPRequestHandler):
+    """Serves `blob`; honours "Range: bytes=N-" if `ranges`; sends `chunk` bytes every `pause` seconds."""
+    blob, ranges, chunk, pause, seen = bytes(range(256)) * 400, True, 1 << 14, 0.0, []
+
+    def do_GET(self):
+        type(self).seen.append(self.headers.get("Range"))
+        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        start = int(match[1]) if match and self.ranges else 0
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(self.blob) - start))
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(self.blob) - 1}/{len(self.blob)}")
+        self.end_headers()
+        with contextlib.suppress(ConnectionError):
+            for i in range(start, len(self.blob), self.chunk):
+                self.wfile.write(self.blob[i:i + self.chunk])
+                self.wfile.flush()
+                time.sleep(self.pause)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def _serving(**settings):
+    handler = type("Handler", (_Server,), dict(settings, seen=[]))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/cifar-10-python.tar.gz", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_run_folder_download_continues_a_part_file_where_the_server_allows(tmp_path, capsys, ranges):
+    path = tmp_path / "cifar-10-python.tar.gz"
+    (tmp_path / "cifar-10-python.tar.gz.part").write_bytes(_Server.blob[:40000])
+    with _serving(ranges=ranges) as (url, handler):
+        train_cifar.download(url, str(path))
+    assert path.read_bytes() == _Server.blob and os.listdir(tmp_path) == [path.name]
+    assert handler.seen == ["bytes=40000-"]                              # asked; a 200 answer starts over
+    err = capsys.readouterr().err
+    assert "continuing after 40000 bytes" in err and "100%" in err and "B/s" in err   # the bar: bytes and rate
+
+
+def test_run_folder_download_has_an_overall_deadline(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_cifar, "DOWNLOAD_DEADLINE_S", 0.5)
+    path = tmp_path / "cifar-10-python.tar.gz"
+    start = time.monotonic()
+    with _serving(chunk=100, pause=0.05) as (url, _):                  # 2 kB/s: 51 s for the whole blob
+        with pytest.raises(train_cifar.DataError, match=r"could not download .*not complete after 0.5 s\); run again"):
+            train_cifar.download(url, str(path))
+    assert time.monotonic() - start < 5
+    assert 0 < (tmp_path / "cifar-10-python.tar.gz.part").stat().st_size < len(_Server.blob)  # kept to continue
+
+
+def test_run_folder_other_file_system_faults_are_one_line_before_any_data_is_read(tmp_path, monkeypatch):
+    out = tmp_path / "run"                                               # e.g. a mount that turned read-only
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+    monkeypatch.setattr(os, "makedirs", read_only)
+    monkeypatch.setattr(train_cifar, "load_data", lambda *a: pytest.fail("read data before creating the folder"))
+    assert _run(SMALL + ["--out", str(out)]) == (f"error: [Errno 30] Read-only file system: '{out}'; "
+                                                 f"check that path, its permissions and the free space")

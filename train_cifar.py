@@ -7,14 +7,17 @@ occlusion (Table 3), expectation alignment (Table 4), class-token entropy
 
 Reading order: data (download, md5, a restricted unpickler, a synthetic set,
 crop + flip on whole batches) -> model and optimizer -> lr schedule ->
-evaluate -> train -> main. A run writes log.jsonl (one row per epoch),
-metrics.json and checkpoint.pt into --out, each replaced atomically every
-epoch, and attention.png with --attention-map.
+evaluate -> train -> main. A run writes checkpoint.pt, log.jsonl (one row per
+epoch) and metrics.json into --out, each replaced atomically every epoch in
+that order (commit() says why), and attention.png with --attention-map. One
+process at a time writes a run folder (an flock on its .lock file).
 """
 import argparse
 import contextlib
+import errno
 import hashlib
 import http.client
+import io
 import json
 import math
 import os
@@ -24,6 +27,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -34,6 +38,10 @@ from tqdm import tqdm
 import dropkey
 from vit import ViT, cls_attention_entropy
 
+try:
+    import fcntl
+except ImportError:  # Windows: run folders are not locked there
+    fcntl = None
 try:
     from numpy._core.multiarray import _reconstruct  # numpy >= 2
 except ImportError:
@@ -72,18 +80,42 @@ def verify_md5(path, expected):
                         f"official file); moved it to {path}.bad. Run again, or place the official tarball there")
 
 
+DOWNLOAD_DEADLINE_S = 3600  # the whole tarball; each read also waits at most 60 s
+
+
 def download(url, path):
-    """Stream `url` into `path` through a .part file, so an interrupted download never looks complete."""
-    print(f"downloading {url} -> {path}", file=sys.stderr)
+    """Stream `url` into path.part with a progress bar, then rename it: an interrupted download never looks complete.
+
+    A .part left by an earlier attempt is continued with an HTTP Range request
+    where the server allows it (it answers 206), else started over. A server
+    that trickles bytes is cut off after DOWNLOAD_DEADLINE_S seconds in all.
+    """
+    part, deadline = path + ".part", time.monotonic() + DOWNLOAD_DEADLINE_S
+    done = os.path.getsize(part) if os.path.exists(part) else 0
+    print(f"downloading {url} -> {path}" + (f", continuing after {done} bytes" if done else ""), file=sys.stderr)
+    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(path + ".part", "wb") as f:
-            shutil.copyfileobj(response, f)
-    except (OSError, ValueError, http.client.HTTPException) as e:  # offline, refused, timed out, cut off
-        with contextlib.suppress(OSError):
-            os.remove(path + ".part")
-        raise DataError(f"could not download {url} ({e}); offline, put {os.path.basename(path)} into "
-                        f"{os.path.dirname(path) or '.'} yourself, or try --dataset synthetic") from None
-    os.replace(path + ".part", path)
+        with urllib.request.urlopen(request, timeout=60) as response:
+            done = done if response.status == 206 else 0                    # 200: the whole file again
+            size = response.headers.get("Content-Length")
+            with open(part, "ab" if done else "wb") as f, \
+                    tqdm(total=done + int(size) if size else None, initial=done, unit="B", unit_scale=True,
+                         unit_divisor=1024, desc="download", mininterval=1) as bar:
+                while chunk := response.read1(1 << 16):                     # returns what has arrived
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"not complete after {DOWNLOAD_DEADLINE_S} s")
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            if bar.total and bar.n < bar.total:
+                raise ConnectionError(f"cut off after {bar.n} of {bar.total} bytes")
+    except (OSError, ValueError, http.client.HTTPException) as e:  # offline, refused, timed out, cut off, disk full
+        if isinstance(e, urllib.error.HTTPError) or getattr(e, "errno", None) == errno.ENOSPC:
+            with contextlib.suppress(OSError):                              # nothing worth continuing
+                os.remove(part)
+        raise DataError(f"could not download {url} ({e}); run again to continue it, or offline put "
+                        f"{os.path.basename(path)} into {os.path.dirname(path) or '.'} yourself, "
+                        f"or try --dataset synthetic") from None
+    os.replace(part, path)
 
 
 def extract(tarball, data_dir, folder):
@@ -221,6 +253,8 @@ def load_data(cfg, device):
         for s in ("train", "test"):
             batches = [read_batch(os.path.join(folder, name), spec) for name in spec[s]]
             splits[s] = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+            if len(splits[s][0]) == 0:
+                raise DataError(f"the {s} files in {folder} hold no images; delete {folder} and run again")
     data = {s: (x[:limit[s]].to(device), y[:limit[s]].to(device)) for s, (x, y) in splits.items()}
     noise = getattr(cfg, "label_noise", 0.0)  # configurations saved before --label-noise existed had none
     if noise:
@@ -384,6 +418,7 @@ def train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progres
     steps_per_epoch = math.ceil(n / bs)
     order = torch.randperm(n, device=images.device, generator=generator)
     loss_sum, correct = torch.zeros((), device=images.device), torch.zeros((), device=images.device)
+    losses = torch.zeros(steps_per_epoch, device=images.device)            # checked once, after the epoch
     start = time.perf_counter()
     bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
     for i in bar:
@@ -399,36 +434,114 @@ def train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progres
         loss.backward()
         optimizer.step()
         step += 1
+        losses[i] = loss.detach()                                           # no host sync per step
         loss_sum += loss.detach() * len(idx)
         correct += (logits.argmax(1) == y).sum()
         if progress:
             seen = min(n, (i + 1) * bs)
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
                             img_s=f"{seen / (time.perf_counter() - start):.0f}")
+    check_finite(model, losses, cfg, epoch)
     seconds = time.perf_counter() - start
     return dict(lr=lr, train_loss=loss_sum.item() / n, train_acc=correct.item() / n,
                 images=n, time_s=seconds, images_per_s=n / seconds), step
 
 
+class Diverged(Exception):
+    """A non-finite loss or weight; main prints it as one line and exits with status 1."""
+
+
+def check_finite(model, losses, cfg, epoch):
+    """Raise Diverged at the epoch's first non-finite loss, or if its last update left a non-finite weight.
+
+    One host sync per epoch instead of one per step; the epoch is never
+    committed, so the run folder keeps the last finite checkpoint.
+    """
+    bad_loss = ~torch.isfinite(losses)                                      # (steps,)
+    bad_weights = ~torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+    if bad_loss.any() or bad_weights:
+        i = int(bad_loss.nonzero()[0]) if bad_loss.any() else len(losses) - 1
+        what = f"the loss is {losses[i].item()}" if bad_loss.any() else "its update made a weight non-finite"
+        kept = (f"{cfg.out} keeps the checkpoint of epoch {epoch}, the last finite one" if epoch
+                else "no checkpoint was written")
+        flag, lr = ("--lr", cfg.lr) if epoch < cfg.epochs else ("--finetune-lr", cfg.finetune_lr)
+        raise Diverged(f"training diverged in epoch {epoch + 1}, step {i + 1} of {len(losses)}: {what}; "
+                       f"{kept}; try a smaller {flag} (this run: {lr:g})")
+
+
 def atomic_save(path, write, binary=False):
-    """Write through path.tmp, then os.replace: neither a reader nor a crash ever sees a half-written file."""
-    with open(path + ".tmp", "wb" if binary else "w") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    """Write through path.tmp, then os.replace: neither a reader nor a crash ever sees a half-written file.
+
+    A failed write (full or read-only disk) removes path.tmp and becomes one DataError line.
+    """
+    try:
+        with open(path + ".tmp", "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise DataError(f"could not write {path} ({e.strerror or e}); the run folder keeps its last "
+                        f"complete epoch: free some space or make it writable, then continue with --resume") from None
+
+
+def checksum(value, digest=None):
+    """sha256 (hex) of a checkpoint's contents: every tensor's dtype, shape and bytes, every other value's repr."""
+    digest = digest or hashlib.sha256()
+    if isinstance(value, dict):
+        for key, item in value.items():                                     # torch.save keeps the order
+            digest.update(repr(key).encode())
+            checksum(item, digest)
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"[%d]" % len(value))
+        for item in value:
+            checksum(item, digest)
+    elif isinstance(value, torch.Tensor):
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy())
+    else:
+        digest.update(repr(value).encode())
+    return digest.hexdigest()
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "config", "epoch", "step", "history", "results", "rng", "sha256")
 
 
 def load_checkpoint(path):
-    """A checkpoint of this script, loaded with weights_only=True so that it cannot run code."""
+    """A checkpoint of this script, loaded with weights_only=True so that it cannot run code.
+
+    Its sha256 must match its contents: a flipped bit is refused, never loaded.
+    """
     if not os.path.exists(path):
         raise DataError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(f"refused to load {path}: weights_only loading accepts only tensors, numbers, "
                         f"strings, lists and dicts ({reason})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise DataError(f"{path} is not a checkpoint of this train_cifar.py (no {', '.join(missing)}); "
+                        f"start a new run with another --out")
+    if checksum({k: v for k, v in checkpoint.items() if k != "sha256"}) != checkpoint["sha256"]:
+        raise DataError(f"{path} does not match its checksum (damaged on disk or in transfer); restore it from "
+                        f"a copy, or start a new run with another --out")
+    return checkpoint
+
+
+def to_json(value, **kwargs):
+    """Strict JSON (no NaN or Infinity tokens, which strict parsers reject): a non-finite number becomes null."""
+    def finite(v):
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    return json.dumps(finite(value), allow_nan=False, **kwargs)
 
 
 COLUMNS = [("epoch", 5, "d"), ("stage", 8, "s"), ("lr", 8, ".1e"), ("train_loss", 10, ".4f"),
@@ -449,33 +562,68 @@ def write_metrics(cfg, history, results, model, device, done):
                    params=sum(p.numel() for p in model.parameters()), layer_ratios=model.layer_ratios,
                    config=vars(cfg), torch=torch.__version__,
                    device=f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type)
-    atomic_save(os.path.join(cfg.out, "metrics.json"), lambda f: json.dump(metrics, f, indent=2))
+    atomic_save(os.path.join(cfg.out, "metrics.json"), lambda f: f.write(to_json(metrics, indent=2)))
     return metrics
+
+
+def commit(cfg, state, model, device):
+    """Replace the run's three files after an epoch: checkpoint.pt, then log.jsonl, then metrics.json.
+
+    Each replacement is atomic, but three files cannot change as one, and the
+    contract is three plain files (a manifest or a folder per epoch would make
+    every reader follow a pointer). So the order does the work: the checkpoint,
+    which holds the whole history and the paper's evaluations, is the commit
+    that --resume trusts; the other two are derived from it and written after
+    it, so they are never ahead of it, and `finished: true` in metrics.json
+    means all three are final. A run killed in between leaves them one epoch
+    behind; --resume rewrites both from the checkpoint (repair) and trains on,
+    ending with the folder of an uninterrupted run.
+    """
+    buffer = io.BytesIO()   # serialised in memory, so a full disk raises a plain OSError in atomic_save
+    torch.save(dict(state, sha256=checksum(state)), buffer)
+    atomic_save(os.path.join(cfg.out, "checkpoint.pt"), lambda f: f.write(buffer.getbuffer()), binary=True)
+    return write_results(cfg, state["history"], state["results"], model, device)
+
+
+def write_results(cfg, history, results, model, device):
+    """log.jsonl and metrics.json as of the last epoch in `history` (also the repair of a resumed run)."""
+    atomic_save(os.path.join(cfg.out, "log.jsonl"), lambda f: f.writelines(to_json(r) + "\n" for r in history))
+    done = len(history) == cfg.epochs + cfg.finetune_epochs
+    return write_metrics(cfg, history, results, model, device, done=done)
 
 
 def train(cfg, checkpoint, progress):
     """Train, then fine-tune, from scratch or from `checkpoint`; every epoch rewrites the run's three files."""
-    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available()
-                          else "mps" if torch.backends.mps.is_available() else "cpu")
+    device = torch.device(cfg.device)
     data = load_data(cfg, device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data["classes"]).to(device)
     optimizer = build_optimizer(model, cfg)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and augmentation
     start, step, history, results = 0, 0, [], {}
+    os.makedirs(cfg.out, exist_ok=True)
+    for name in os.listdir(cfg.out):  # left by a run that died writing; this process holds the folder's lock
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(cfg.out, name))
     if checkpoint is not None:  # everything that decides what happens next, the RNG states included
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        optimizer.load_state_dict(checkpoint["optimizer"])      # moves the moments to the parameters' device
         start, step, history, results, rng = (checkpoint[k] for k in ("epoch", "step", "history", "results", "rng"))
         torch.set_rng_state(rng["cpu"])
-        generator.set_state(rng["data"])
-        if device.type in ("cuda", "mps"):
-            getattr(torch, device.type).set_rng_state(rng[device.type])
+        saved_on = checkpoint["config"]["device"]
+        if saved_on == device.type:
+            generator.set_state(rng["data"])
+            if device.type in ("cuda", "mps"):
+                getattr(torch, device.type).set_rng_state(rng[device.type])
+        else:  # a generator's state is specific to its device type
+            print(f"resuming a {saved_on} run on {device.type}: weights, optimizer, step, history and the CPU "
+                  f"random state are restored; batch order, augmentation and {device.type} random numbers start "
+                  f"again from --seed {cfg.seed}, so the run no longer matches an uninterrupted one bit for bit")
+        write_results(cfg, history, results, model, device)               # repair, see commit()
     total = cfg.epochs + cfg.finetune_epochs
     if start == total:
-        print(f"{cfg.out} has finished all {total} epochs; nothing to do")
+        print(f"{cfg.out} has finished all {total} epochs; log.jsonl and metrics.json are complete")
         return
-    os.makedirs(cfg.out, exist_ok=True)
     print(f"{cfg.dataset}: {len(data['train'][0])} train / {len(data['test'][0])} test images on {device}; "
           f"{cfg.mode}, layer drop ratios {[round(r, 3) for r in model.layer_ratios]}; run folder {cfg.out}")
     print(" ".join(f"{name:>{width}}" for name, width, _ in COLUMNS))
@@ -496,10 +644,8 @@ def train(cfg, checkpoint, progress):
             rng[device.type] = getattr(torch, device.type).get_rng_state()
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), config=vars(cfg),
                      epoch=epoch + 1, step=step, history=history, results=results, rng=rng)
-        atomic_save(os.path.join(cfg.out, "checkpoint.pt"), lambda f: torch.save(state, f), binary=True)
-        atomic_save(os.path.join(cfg.out, "log.jsonl"), lambda f: f.writelines(json.dumps(r) + "\n" for r in history))
-        metrics = write_metrics(cfg, history, results, model, device, done=epoch + 1 == total)
-    print(json.dumps({k: round(v, 4) for k, v in metrics.items() if k.startswith("test_acc")}))
+        metrics = commit(cfg, state, model, device)
+    print(to_json({k: round(v, 4) for k, v in metrics.items() if k.startswith("test_acc")}))
 
 
 # ----------------------------------------------------------------------------- summarize
@@ -657,20 +803,48 @@ def build_parser():
 RUNTIME_FLAGS = ("out", "resume", "progress", "dry_run", "summarize", "baseline")  # not saved as part of a run's configuration
 
 
-def resolve_config(args, parser):
-    """The run's configuration (a new Namespace; `args` stays as parsed) and the checkpoint to resume from."""
+def resolve_device(name):
+    """'auto' as the device it picks (cuda, else mps, else cpu), so that a run's config says where it ran."""
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def resolve_config(args, parser, argv=None):
+    """The run's configuration (a new Namespace; `args` stays as parsed) and the checkpoint to resume from.
+
+    A resumed run keeps its saved configuration: a flag on the command line
+    that differs from it is refused, even one equal to its default, except
+    --device, which moves the run to another device.
+    """
     if args.resume is None:
         out = args.out or os.path.join("runs", f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if os.path.exists(os.path.join(out, "checkpoint.pt")):
-            parser.error(f"{out} already holds a run; continue it with --resume {out}, or choose another --out")
-        return argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}, out=out), None
+        config = {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}
+        return argparse.Namespace(**{**config, "device": resolve_device(args.device)}, out=out), None
     checkpoint = load_checkpoint(os.path.join(args.resume, "checkpoint.pt"))
     saved = checkpoint["config"]
-    for key, value in vars(args).items():
-        if key not in RUNTIME_FLAGS and value != parser.get_default(key) and value != saved.get(key):
+    explicit = build_parser()
+    for action in explicit._actions:  # a parser without defaults: it returns only the flags given
+        action.default = argparse.SUPPRESS
+    given = vars(explicit.parse_args(argv))
+    for key, value in given.items():
+        if key not in RUNTIME_FLAGS + ("device",) and value != saved.get(key):
             parser.error(f"--resume continues with the saved configuration; drop --{key.replace('_', '-')} "
                          f"(saved: {saved.get(key)})")
-    return argparse.Namespace(**{**saved, "out": args.resume}), checkpoint
+    device = resolve_device(args.device) if "device" in given else saved["device"]
+    return argparse.Namespace(**{**saved, "out": args.resume, "device": device}), checkpoint
+
+
+def check_writable(path, flag, parser):
+    """An error line unless `path` is, or can be created as, a folder this process can write: no write needed."""
+    existing = path
+    while not os.path.exists(existing):                                    # its nearest existing ancestor
+        existing = os.path.dirname(existing.rstrip(os.sep)) or "."
+    if not os.path.isdir(existing):
+        parser.error(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"{flag} {path}: cannot write in {existing} (read-only or no permission); "
+                     f"choose another {flag}")
 
 
 def check_config(cfg, parser):
@@ -679,9 +853,14 @@ def check_config(cfg, parser):
         parser.error(f"--warmup-epochs {cfg.warmup_epochs} is longer than --epochs {cfg.epochs}")
     if cfg.mc_samples and cfg.mode == "none":
         parser.error("--mc-samples needs a dropping --mode; 'none' drops nothing to average over")
-    available = dict(cpu=True, auto=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
+    available = dict(cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
     if not available[cfg.device]:
-        parser.error(f"--device {cfg.device}, but this torch cannot use it")
+        parser.error(f"--device {cfg.device}, but this torch cannot use it; choose another --device")
+    if cfg.device == "mps" and cfg.align == "exact":
+        parser.error("--align exact computes in float64, which MPS does not support; use --device cpu or cuda")
+    check_writable(cfg.out, "--out", parser)
+    if cfg.dataset != "synthetic" and not os.path.isdir(os.path.join(cfg.data_dir, CIFAR[cfg.dataset]["folder"])):
+        check_writable(cfg.data_dir, "--data-dir", parser)                # it will download and extract there
     try:
         model = build_model(cfg, 100 if cfg.dataset == "cifar100" else 10).eval()
     except ValueError as e:
@@ -693,6 +872,24 @@ def check_config(cfg, parser):
         except ValueError as e:
             parser.error(str(e))
     return model
+
+
+@contextlib.contextmanager
+def locked(out):
+    """Hold an exclusive flock on out/.lock: one writer per run folder.
+
+    The OS releases an flock when its process ends, however it ends (kill -9
+    included), so a killed run's lock never blocks its --resume. The file stays:
+    deleting it would let two processes lock two different files.
+    """
+    with open(os.path.join(out, ".lock"), "a") as f:
+        try:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"{out} is in use by another train_cifar.py process; wait for it to end, "
+                            f"or choose another --out") from None
+        yield
 
 
 def main(argv=None):
@@ -713,15 +910,29 @@ def main(argv=None):
         return
     cfg = None
     try:
-        cfg, checkpoint = resolve_config(args, parser)
-        model = check_config(cfg, parser)
-        if args.dry_run:
-            print(f"dry run: configuration is valid; {sum(p.numel() for p in model.parameters())} parameters, "
-                  f"layer drop ratios {[round(r, 3) for r in model.layer_ratios]}, run folder {cfg.out}")
-            return
-        train(cfg, checkpoint, progress=args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
-    except DataError as e:
+        with contextlib.ExitStack() as held:  # the run folder's lock, released when main ends
+            if args.resume is not None and not args.dry_run:  # locked before its checkpoint is read
+                if not os.path.isdir(args.resume):
+                    raise DataError(f"no run folder at {args.resume}")
+                held.enter_context(locked(args.resume))
+            cfg, checkpoint = resolve_config(args, parser, argv)
+            model = check_config(cfg, parser)
+            if checkpoint is None:
+                if not args.dry_run:  # creates and locks the folder before any data is read
+                    os.makedirs(cfg.out, exist_ok=True)
+                    held.enter_context(locked(cfg.out))
+                if os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
+                    parser.error(f"{cfg.out} already holds a run; continue it with --resume {cfg.out}, "
+                                 f"or choose another --out")
+            if args.dry_run:
+                print(f"dry run: configuration is valid; {sum(p.numel() for p in model.parameters())} parameters, "
+                      f"layer drop ratios {[round(r, 3) for r in model.layer_ratios]}, run folder {cfg.out}")
+                return
+            train(cfg, checkpoint, progress=args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
+    except (DataError, Diverged) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # any other file-system fault, still one line
+        sys.exit(f"error: {e}; check that path, its permissions and the free space")
     except KeyboardInterrupt:
         resumable = cfg is not None and os.path.exists(os.path.join(cfg.out, "checkpoint.pt"))
         sys.exit("interrupted" + (f"; continue with: python train_cifar.py --resume {cfg.out}" if resumable else ""))
