@@ -128,8 +128,9 @@ def seed_rate(mode, drop_ratio, grid, block_size):
     block: gamma = d / s^2            * n_h n_w / ((n_h - s + 1)(n_w - s + 1))
     cross: gamma = d / (s (n_h + n_w - s)) * n_h n_w / ((n_h - s + 1)(n_w - s + 1))
     Each seed drops s^2 (block) or s (n_h + n_w - s) (cross) keys, so without
-    overlaps the expected drop rate is d; overlaps make it a little lower (the
-    paper calls these formulas "only the approximation"). Capped at 1.
+    overlaps the expected drop rate is d; overlaps make the mean lower (the
+    paper calls these formulas "only the approximation"), and a key's own rate
+    depends on where it sits (`key_drop_rates`). Capped at 1.
     """
     n_h, n_w = grid
     s = block_size
@@ -207,8 +208,9 @@ def sample_keep_mask(shape, mode="dropkey", drop_ratio=0.0, *, grid=None, prefix
       dropkey_block, dropkey_cross: seeds on the n_h x n_w patch grid, each
         dropping an s x s window or s full rows and columns (Fig. 2). The first
         `prefix_tokens` keys (the class token) are not on the grid: each is
-        dropped independently with probability d, as in plain DropKey, so
-        every key is dropped at a rate close to d.
+        dropped independently with probability d, as in plain DropKey. The
+        grid keys are not: border keys less, centre keys more, the mean a
+        little below d (`key_drop_rates`).
     The all-dropped rule is *not* applied here (see `fall_back`), so that the
     raw mask can be inspected.
     """
