@@ -520,6 +520,8 @@ def _rows(weights, name):
     if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
         raise ValueError(f"{name} needs a floating-point tensor of weights, got "
                          f"{weights.dtype if isinstance(weights, torch.Tensor) else type(weights).__name__}")
+    if weights.numel() == 0:
+        return None, None                                             # nothing to check or compute
     p = weights.reshape(-1, weights.shape[-1])
     total = p.sum(-1, keepdim=True)                                   # (R, 1)
     if not ((p >= 0).all() and (total > 0).all() and total.isfinite().all()):
@@ -577,7 +579,9 @@ def expected_weights(weights=None, drop_ratio=0.0, *, logits=None):
     if logits is not None:
         return _expected_from_logits(logits, d)
     p, total = _rows(weights, "expected_weights")
-    if d == 0 or weights.numel() == 0:
+    if p is None:
+        return weights.clone()                                        # an empty tensor
+    if d == 0:
         return (p / total).reshape(weights.shape)                     # nothing is dropped: E[w] = q
     work = torch.float64 if weights.dtype == torch.float64 else torch.float32
     q = p.to(work) / total.to(work)                                   # (R, N), rows sum to 1
@@ -623,8 +627,9 @@ def smoothing_coefficients(weights, drop_ratio):
     only key j) lies out at t ~ 1 / p_j, where that integration stops. Here
     the nodes run on until t p_j >= 40 for every key, in float64 whatever the
     input: relative error below 1e-7 (9.1e-8 measured against exact sums
-    over binomial counts, the test's reference) for p_j down to 1e-300. A key with p_j = 0
-    gets +inf (the limit as p_j -> 0; its E[w_j] is 0); at d = 0 every c_j is 1.
+    over binomial counts, the test's reference) for p_j down to 1e-300. A
+    key with p_j = 0 gets +inf (the limit as p_j -> 0; its E[w_j] is 0); at
+    d = 0 every c_j is 1.
     Rows are re-normalised first, as in `expected_weights`.
 
     Args: weights (..., N), non-negative floating-point rows; drop_ratio: d in [0, 1).
@@ -633,8 +638,8 @@ def smoothing_coefficients(weights, drop_ratio):
     _check_ratio(drop_ratio)
     d = float(drop_ratio)
     p, total = _rows(weights, "smoothing_coefficients")
-    if d == 0 or weights.numel() == 0:
-        return torch.ones_like(weights)
+    if p is None or d == 0:
+        return torch.ones_like(weights)                               # empty, or nothing is dropped
     q = p.double() / total.double()                                   # (R, N), rows sum to 1
     M = (q > 0).sum(-1, keepdim=True)                                 # (R, 1)
     c = _integrate(q, d, torch.float64, coefficient=True).mul_(1 - d).add_(d ** M.double())  # Eq. 3
