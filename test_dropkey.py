@@ -10,6 +10,7 @@ import errno
 import hashlib
 import http.server
 import io
+import itertools
 import json
 import math
 import os
@@ -633,7 +634,7 @@ def test_smoothing_coefficient_decreases_with_p(d):
 
 def test_expected_weights_is_p_at_d_zero_and_keeps_shape_dtype_and_no_grad():
     p = _softmax_rows(6, 9, 1.0, seed=5, dtype=torch.float32).reshape(2, 3, 9).requires_grad_(True)
-    assert torch.equal(dropkey.expected_weights(p, 0.0), p)
+    torch.testing.assert_close(dropkey.expected_weights(p, 0.0), p.detach(), atol=1e-7, rtol=0)  # re-normalised p
     got = dropkey.expected_weights(p, 0.3)                          # eval only: runs under no_grad
     assert got.shape == p.shape and got.dtype == p.dtype and not got.requires_grad
     torch.testing.assert_close(got.reshape(6, 9), dropkey.expected_weights(p.detach().reshape(6, 9), 0.3))
@@ -696,6 +697,17 @@ def test_table_4_exact_alignment_is_an_error_for_structured_modes(mode):
     model.align = "exact"
     with pytest.raises(ValueError, match="not independent"):
         model(torch.randn(1, 3, 16, 16))
+
+
+def test_table_4_exact_alignment_follows_dropkey_where_weights_underflow():
+    """Two keys, the second 110 below the first: its float32 p underflows to 0, yet DropKey gives it all
+    the weight when only it is kept. E[w] = (0.79, 0.21) at d = 0.3, not the (1, 0) of the weights."""
+    logits = torch.tensor([0.0, -110.0])                              # two keys: p = (1, 0) in float32
+    q = torch.tensor([[[[1.0]]]])                                     # (1, 1, 1, 1): logits = q k^T * scale
+    k = logits.view(1, 1, 2, 1)
+    v = torch.eye(2).view(1, 1, 2, 2)
+    _, w = dropkey.aligned_attention(q, k, v, drop_ratio=0.3, scale=1.0, return_weights=True)
+    torch.testing.assert_close(w[0, 0, 0], torch.tensor([0.7 + 0.3 * 0.3, 0.3 * 0.7]), atol=1e-6, rtol=0)
 
 
 def test_table_4_alignment_composes_with_padding():
@@ -1886,3 +1898,143 @@ def test_run_folder_other_file_system_faults_are_one_line_before_any_data_is_rea
     monkeypatch.setattr(train_cifar, "load_data", lambda *a: pytest.fail("read data before creating the folder"))
     assert _run(SMALL + ["--out", str(out)]) == (f"error: [Errno 30] Read-only file system: '{out}'; "
                                                  f"check that path, its permissions and the free space")
+
+
+# ============================================================================ per-key rates, c_j, exact alignment's edges
+# key_drop_rates against a count of covering seeds written here and against the
+# sampler; smoothing_coefficients against exact sums over binomial counts;
+# expected_weights: re-normalisation, bad input, underflowed weights, majorisation.
+
+def _covering_seeds(mode, n, s):
+    """m[i, j]: how many valid seed positions drop key (i, j) of an n x n grid, by visiting every seed."""
+    m = torch.zeros(n, n, dtype=torch.float64)
+    for a, b in itertools.product(range(n - s + 1), repeat=2):
+        hit = torch.zeros(n, n, dtype=torch.bool)
+        if mode == "dropkey_block":
+            hit[a:a + s, b:b + s] = True                              # the s x s window of seed (a, b)
+        else:
+            hit[a:a + s, :] = True                                    # s full rows ...
+            hit[:, b:b + s] = True                                    # ... and s full columns
+        m += hit
+    return m
+
+
+@pytest.mark.parametrize("mode,s", [("dropkey_block", 3), ("dropkey_block", 5), ("dropkey_cross", 1),
+                                    ("dropkey_cross", 3), ("dropkey", 3)])
+def test_key_drop_rates_match_covering_seeds_and_the_sampler(mode, s):
+    """Per key, the sampled rate over n = 16 * 4 * 65 independent rows lies within 5 sigma + 2e-4.
+
+    sigma = sqrt(r (1 - r) / n); 2e-4 bounds the sampler's rounding of gamma to 1/65536 (times <= 25 seeds).
+    """
+    d, n = 0.3, 16 * 4 * 65
+    rates = dropkey.key_drop_rates(mode, d, (8, 8), s)                # (8, 8)
+    if mode == "dropkey":
+        assert torch.equal(rates, torch.full((8, 8), d, dtype=torch.float64))
+    else:
+        gamma = dropkey.seed_rate(mode, d, (8, 8), s)
+        torch.testing.assert_close(rates, 1 - (1 - gamma) ** _covering_seeds(mode, 8, s), atol=1e-12, rtol=0)
+        assert rates.mean() < d                                       # overlaps: the mean is below d
+    keep = dropkey.sample_keep_mask((16, 4, 65, 65), mode, d, grid=(8, 8), block_size=s,
+                                    generator=torch.Generator().manual_seed(160))
+    sampled = (~keep[..., 1:]).double().mean((0, 1, 2)).view(8, 8)  # (8, 8)
+    sigma = (rates * (1 - rates) / n).sqrt()
+    assert ((sampled - rates).abs() <= 5 * sigma + 2e-4).all(), ((sampled - rates).abs() / sigma).max()
+
+
+def test_key_drop_rates_of_block_3_range_from_corner_to_centre():
+    rates = dropkey.key_drop_rates("dropkey_block", 0.3, (8, 8), 3)
+    assert round(rates[0, 0].item(), 3) == 0.059 and round(rates[3, 3].item(), 3) == 0.423
+    assert round(rates.mean().item(), 3) == 0.256
+    assert torch.equal(dropkey.key_drop_rates("none", 0.3, (8, 8), 3), torch.zeros(8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="block_size"):
+        dropkey.key_drop_rates("dropkey_block", 0.3, (8, 8), 9)
+
+
+def _c_by_binomial_sums(groups, d, j):
+    """c_j of a row of equal-weight groups [(p, count), ...], key j in group j, exactly.
+
+    c_j = E[k_j / (k_j p_j + sum_i k_i p_i)] + d^M: the other keys enter only through how
+    many of each group are kept (binomial), so a sum of positive terms (math.fsum) gives it
+    to float64 rounding for any p_j, also where Monte-Carlo could never see the masks that matter.
+    """
+    others = [(p, c - (i == j)) for i, (p, c) in enumerate(groups)]
+    terms = []
+    for kept in itertools.product(*[range(c + 1) for _, c in others]):
+        prob = math.prod(math.comb(c, k) * (1 - d) ** k * d ** (c - k) for (_, c), k in zip(others, kept))
+        terms.append(prob * (1 - d) / (groups[j][0] + sum(p * k for (p, _), k in zip(others, kept))))
+    return math.fsum(terms) + d ** sum(c for p, c in groups if p > 0)
+
+
+@pytest.mark.parametrize("d", [0.1, 0.3, 0.9])
+@pytest.mark.parametrize("tiny", [1e-3, 1e-12, 1e-30, 1e-100])
+def test_smoothing_coefficients_are_accurate_down_to_tiny_p(tiny, d):
+    """Relative error <= 1e-5 (the documented bound; ~1e-7 measured) for a row (0.5, 64 x a, tiny)."""
+    a = (0.5 - tiny) / 64
+    groups = [(0.5, 1), (a, 64), (tiny, 1)]
+    row = torch.tensor([0.5] + [a] * 64 + [tiny], dtype=torch.float64)
+    c = dropkey.smoothing_coefficients(row, d)
+    for j, index in [(0, 0), (1, 1), (2, 65)]:
+        exact = _c_by_binomial_sums(groups, d, j)
+        assert abs(c[index].item() / exact - 1) <= 1e-5, (j, c[index].item(), exact)
+    assert c[0] < c[1] < c[65]                                        # Eq. 4
+
+
+def test_smoothing_coefficients_edges_and_dtype():
+    p = torch.tensor([[0.7, 0.3, 0.0]], dtype=torch.float32)
+    c = dropkey.smoothing_coefficients(p, 0.5)
+    assert c.dtype == torch.float32 and c[0, 2] == math.inf          # p_j = 0: the limit p_j -> 0
+    exact = _enumerated_expectation(p[:, :2].double(), 0.5) / p[:, :2].double()
+    torch.testing.assert_close(c[:, :2].double(), exact, atol=0, rtol=1e-6)
+    assert torch.equal(dropkey.smoothing_coefficients(p, 0.0), torch.ones_like(p))
+    with pytest.raises(ValueError, match="floating-point"):
+        dropkey.smoothing_coefficients(torch.tensor([1, 2]), 0.3)
+
+
+def test_expected_weights_renormalises_every_term_and_refuses_non_float_input():
+    p = _softmax_rows(4, 9, 2.0, seed=161, dtype=torch.float64)
+    doubled = dropkey.expected_weights(2 * p, 0.5)                    # rows summing to 2
+    torch.testing.assert_close(doubled, dropkey.expected_weights(p, 0.5), atol=1e-12, rtol=0)
+    torch.testing.assert_close(doubled.sum(-1), torch.ones(4, dtype=torch.float64), atol=1e-7, rtol=0)
+    torch.testing.assert_close(doubled, _enumerated_expectation(p, 0.5), atol=1e-6, rtol=0)
+    for bad, message in [(torch.tensor([[3, 1]]), "floating-point"), (torch.tensor([[0.5, -0.1]]), "non-negative"),
+                         (torch.zeros(1, 3), "positive sum")]:
+        with pytest.raises(ValueError, match=message):
+            dropkey.expected_weights(bad, 0.3)
+    with pytest.raises(ValueError, match="either"):
+        dropkey.expected_weights(p, 0.3, logits=p.log())
+
+
+@pytest.mark.parametrize("dtype,gap", [(torch.float16, 20.0), (torch.float32, 110.0)])
+def test_expected_weights_given_logits_follow_dropkey_where_weights_underflow(dtype, gap):
+    """Logits (0, -gap, ..., -gap), N = 65: the small weights underflow to 0 in dtype.
+
+    DropKey's masked softmax (Eq. 14) gives key 0 weight 1 when it is kept and 0
+    when it is dropped, so E[w_0] = 1 - d = 0.700; weights that underflowed
+    follow DropAttention's rule instead (1.000). Monte-Carlo over n = 20000
+    masks within 4 sigma, sigma = sqrt(0.21 / n).
+    """
+    d, n = 0.3, 20_000
+    logits = torch.full((1, 65), -gap, dtype=dtype)
+    logits[0, 0] = 0.0
+    weights = logits.softmax(-1)
+    assert weights[0, 1] == 0                                         # underflowed
+    assert abs(dropkey.expected_weights(weights, d)[0, 0].item() - 1.0) < 1e-5  # the rule of Eq. 1
+    exact = dropkey.expected_weights(logits=logits, drop_ratio=d)
+    assert exact.dtype == dtype and abs(exact[0, 0].item() - 0.7) < 2e-3
+    torch.testing.assert_close(exact.float().sum(), torch.tensor(1.0), atol=2e-3, rtol=0)
+    keep = dropkey.fall_back(dropkey.sample_keep_mask((n, 1, 1, 65), "dropkey", d,
+                                                      generator=torch.Generator().manual_seed(162)))
+    sampled = torch.where(keep, logits, float("-inf")).softmax(-1)     # Eq. 12-14 in dtype, (n, 1, 1, 65)
+    assert abs(sampled[..., 0].float().mean().item() - 0.7) < 4 * math.sqrt(0.21 / n)
+
+
+def test_expected_weights_is_majorised_by_p():
+    """E[w] is smoother than p in the sense of majorisation: sorted, every partial sum of E[w]
+    is <= that of p (up to the quadrature's 1e-6), with the same total; strictly below for k = 1."""
+    for N, scale, d in itertools.product([12, 65], [0.5, 3.0, 10.0], [0.1, 0.5, 0.9]):
+        p = _softmax_rows(20, N, scale, seed=163 + N, dtype=torch.float64)
+        e = dropkey.expected_weights(p, d)
+        top_p = p.sort(-1, descending=True).values.cumsum(-1)
+        top_e = e.sort(-1, descending=True).values.cumsum(-1)
+        assert (top_e <= top_p + 1e-6).all(), (N, scale, d, (top_e - top_p).max())
+        assert (top_e[:, 0] < top_p[:, 0]).all()
