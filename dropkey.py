@@ -30,7 +30,6 @@ row uniform.
 """
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -71,12 +70,13 @@ def layer_drop_ratios(drop_ratio, depth, schedule="decreasing"):
 def bernoulli_mask(shape, prob, *, device=None, generator=None):
     """Boolean tensor of `shape`, each element True independently with probability `prob`.
 
-    With dropkey.FLASH on a CPU (outside torch.compile) the bits come from the
-    fast sampler of the last section: the same distribution, another random
-    stream. Either way torch.manual_seed or `generator` fixes every mask.
+    With dropkey.FLASH (outside torch.compile) the bits come from the
+    counter-based generator of the last section, seeded by one draw of
+    `generator`: the same distribution, another random stream. Either way
+    torch.manual_seed or `generator` fixes every mask.
     """
     if _fast_sampler(device):
-        return _bernoulli_bits(shape, prob, generator)
+        return _counter_bernoulli(shape, prob, draw_seed(generator, device or "cpu"))
     return torch.rand(shape, device=device, generator=generator) < prob
 
 
@@ -106,13 +106,17 @@ def seed_rate(mode, drop_ratio, grid, block_size):
     return min(1.0, drop_ratio / per_seed * n_h * n_w / valid)
 
 
-def _structured_drop(lead, mode, drop_ratio, grid, block_size, device, generator):
-    """Dropped keys on the patch grid, (*lead, n_h * n_w), for DropKey-Block or -Cross (Fig. 2)."""
+def _structured_drop(lead, mode, drop_ratio, grid, block_size, device, generator, seeds=None):
+    """Dropped keys on the patch grid, (*lead, n_h * n_w), for DropKey-Block or -Cross (Fig. 2).
+
+    `seeds`: the seed grid, if already drawn (the fast path's `counter_keep_mask`).
+    """
     n_h, n_w = grid
     s = block_size
-    gamma = seed_rate(mode, drop_ratio, grid, block_size)
-    seeds = bernoulli_mask((*lead, n_h - s + 1, n_w - s + 1), gamma,
-                           device=device, generator=generator)        # (*lead, n_h-s+1, n_w-s+1)
+    if seeds is None:
+        gamma = seed_rate(mode, drop_ratio, grid, block_size)
+        seeds = bernoulli_mask((*lead, n_h - s + 1, n_w - s + 1), gamma,
+                               device=device, generator=generator)    # (*lead, n_h-s+1, n_w-s+1)
     if mode == "dropkey_block":  # each seed drops the s x s window below-right of it
         drop = _dilate(_dilate(seeds, s, -2), s, -1)                   # (*lead, n_h, n_w)
     else:                        # each seed drops s full rows and s full columns
@@ -137,6 +141,9 @@ def sample_keep_mask(shape, mode="dropkey", drop_ratio=0.0, *, grid=None, prefix
     raw mask can be inspected.
     """
     *lead, n_keys = shape
+    if _fast_sampler(device):         # one seed, then the mask as a pure function of it
+        return counter_keep_mask(draw_seed(generator, device or "cpu"), shape, mode, drop_ratio, grid=grid,
+                                 prefix_tokens=prefix_tokens, block_size=block_size)
     if mode not in STRUCTURED_MODES:  # each key kept with probability 1 - d
         return bernoulli_mask(shape, 1.0 - drop_ratio, device=device, generator=generator)
     _check_grid(grid, n_keys, prefix_tokens, block_size)
@@ -528,33 +535,151 @@ MASK_CHUNK = 2**21  # mask elements sampled, or given to the CPU kernel, at a ti
 
 
 def _fast_sampler(device):
-    return FLASH and torch.device(device or "cpu").type == "cpu" and not torch.compiler.is_compiling()
+    return FLASH and not torch.compiler.is_compiling()
 
 
-def _bernoulli_bits(shape, prob, generator):
-    """`bernoulli_mask` on the CPU, ~7x faster than torch.rand(shape) < prob.
+# Random bits that need not be stored: every mask bit is a pure function of (seed, row, key), so
+# any tile of the mask can be made again where it is needed (backward, a fused kernel's mask_mod).
+#
+# The generator is SplitMix64 (Steele, Lea and Flood, OOPSLA 2014; java.util.SplittableRandom, the
+# seeder of xoshiro): output n of seed s is mix64(s + n * GOLDEN), mix64 being Stafford's "Mix13"
+# finaliser (two multiply-xorshift rounds). It passes BigCrush and PractRand, and a counter-based
+# generator is what FlashAttention's own dropout does (Philox, seed and offset). Against Philox-4x32
+# (10 rounds of 32-bit multiplies) it is 3 int64 ops per shift-xor and 2 multiplies, which torch
+# runs on int64 tensors as they are, and a bit-packed mask drawn block by block (1 bit kept per
+# element, tried) needs the same random words plus packing and unpacking. Layout, for a mask of
+# shape (..., R, C) with the leading dimensions flattened to L:
+#   seed key    k   = mix64(seed + stream * GOLDEN)          stream 1: keys, 2: prefix, 3: grid seeds
+#   row key     k_r = mix64(k + (r + 1) * GOLDEN)             r = l * R + i, row i of leading index l
+#   word        w   = mix64(k_r + (c // 4 + 1) * GOLDEN)      four 16-bit uniforms per 64-bit word
+#   bit (r, c)  = (16-bit piece c % 4 of w, as int16) < round(prob * 65536) - 32768
+# so the probability is prob on a 1/65536 grid (error <= 7.6e-6). Limits: seeds in [0, 2^63) (what
+# Tensor.random_() draws); r + 1 and c // 4 + 1 below 2^63 (far beyond any tensor); a row repeats
+# only after 2^64 words and two rows' streams overlap with probability ~ (words per row) / 2^64.
+GOLDEN = 0x9E3779B97F4A7C15 - 2**64                                   # as a signed int64
+_MIX = ((30, 0xBF58476D1CE4E5B9 - 2**64), (27, 0x94D049BB133111EB - 2**64), (31, None))
+SEED_LIMIT = 2**63
 
-    The bits come from numpy's SFC64 (a small-state counter-mixing generator
-    that passes PractRand and BigCrush), seeded from torch's CPU generator, so
-    torch.manual_seed and `generator` still fix every mask. One 64-bit word
-    gives four 16-bit uniforms, each compared with a threshold: the
-    probability is `prob` rounded to a 1/65536 grid (error <= 7.6e-6, far
-    inside a 4-sigma bound for any sample that fits in memory). Done
-    MASK_CHUNK elements at a time, so the words stay in cache.
+
+def _int64(n):
+    """A Python integer modulo 2^64, as a signed int64."""
+    return (n + 2**63) % 2**64 - 2**63
+
+
+def mix64(x, scratch=None):
+    """SplitMix64's finaliser on an int64 tensor, in place: x ^= x >>> 30; x *= M1; ... (logical shifts)."""
+    scratch = torch.empty_like(x) if scratch is None else scratch
+    for shift, multiplier in _MIX:
+        torch.bitwise_right_shift(x, shift, out=scratch)
+        x ^= scratch.bitwise_and_((1 << (64 - shift)) - 1)             # >> is arithmetic: keep 64 - shift bits
+        if multiplier is not None:
+            x *= multiplier                                            # wraps modulo 2^64
+    return x
+
+
+def draw_seed(generator=None, device="cpu"):
+    """The seed of one mask: the next draw of `generator` (or torch's default), an int64 tensor in [0, 2^63).
+
+    Every fast-path training call draws exactly one, first: re-seed the
+    generator and call this to get the seed a call used, then
+    `counter_keep_mask(seed, ...)` for its mask. A tensor, so a GPU is not synced.
     """
-    numel = math.prod(shape)
+    return torch.empty((), dtype=torch.int64, device=device).random_(generator=generator)
+
+
+def _seed_key(seed, stream, device):
+    if not isinstance(seed, torch.Tensor):
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+        seed = torch.tensor(seed, dtype=torch.int64)
+    elif seed.dtype != torch.int64 or seed.dim() != 0:
+        raise ValueError(f"seed must be an int64 scalar tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
+    return mix64(seed.to(device) + _int64(stream * GOLDEN))
+
+
+def _row_keys(seed_key, rows):
+    """mix64(k + (r + 1) * GOLDEN) for the int64 tensor of row indices `rows`."""
+    return mix64(seed_key + (rows + 1) * GOLDEN)
+
+
+def _threshold(prob):
+    return round(prob * 65536) - 32768
+
+
+WORD_CHUNK = 2**16  # 64-bit words mixed at a time: two 512 KiB buffers, reused, stay in cache
+
+
+def counter_bits(row_keys, c0, c1, prob, out=None):
+    """Bits (R, c1 - c0) of the R rows with keys `row_keys`, columns c0 .. c1 - 1 (c0 % 4 == 0).
+
+    True with probability `prob` (on a 1/65536 grid); the same bits for any
+    split into blocks of rows or columns. The words are mixed WORD_CHUNK at a
+    time in two reused buffers: a fresh multi-MiB tensor per op would be
+    page-faulted in each time and cost 5x the arithmetic.
+    """
+    R, C = row_keys.shape[0], c1 - c0
+    out = torch.empty(R, C, dtype=torch.bool, device=row_keys.device) if out is None else out
+    offsets = torch.arange(c0 // 4 + 1, (c1 + 3) // 4 + 1, dtype=torch.int64, device=row_keys.device) * GOLDEN
+    rows = max(1, WORD_CHUNK // len(offsets))
+    words = row_keys.new_empty(min(rows, R), len(offsets))             # (rows, W)
+    scratch = torch.empty_like(words)
+    for a in range(0, R, rows):                                        # blocks of rows, never a loop over tokens
+        b = min(a + rows, R)
+        w = torch.add(row_keys[a:b, None], offsets, out=words[:b - a])  # k_r + (c // 4 + 1) * GOLDEN
+        mix64(w, scratch[:b - a])
+        uniform16 = w.view(torch.int16)[:, :C]                         # little-endian: piece c % 4 of word c // 4
+        torch.lt(uniform16, _threshold(prob), out=out[a:b])
+    return out
+
+
+def _check_rows(n_rows, n_cols):
+    if n_rows >= SEED_LIMIT - 1 or n_cols >= SEED_LIMIT:
+        raise ValueError(f"a counter mask of {n_rows} rows of {n_cols} bits is beyond the generator's "
+                         f"counter range (2^63 rows, 2^63 columns)")
+
+
+def _counter_bernoulli(shape, prob, seed, stream=1):
+    """A counter mask of `shape` (rows: everything but the last dimension), MASK_CHUNK elements at a time."""
+    *lead, C = shape
+    R = math.prod(lead)
+    _check_rows(R, C)
+    device = seed.device if isinstance(seed, torch.Tensor) else "cpu"
+    key = _seed_key(seed, stream, device)
     if prob <= 0 or prob >= 1:
-        return torch.full(shape, prob >= 1, dtype=torch.bool)
-    threshold = round(prob * 65536) - 32768
-    seed = torch.empty((), dtype=torch.int64).random_(generator=generator).item()
-    sfc64 = np.random.SFC64(seed)
-    mask = torch.empty(numel, dtype=torch.bool)
-    for a in range(0, numel, MASK_CHUNK):  # chunks of the flat mask, never a loop over tokens
-        b = min(a + MASK_CHUNK, numel)
-        words = torch.from_numpy(sfc64.random_raw((b - a + 3) // 4).view(np.int64))
-        uniform16 = words.view(torch.int16)[:b - a]                    # uniform on [-32768, 32767]
-        mask[a:b] = uniform16.lt_(threshold)                           # True where uniform16 < threshold
+        return torch.full(shape, prob >= 1, dtype=torch.bool, device=device)
+    mask = torch.empty(R, C, dtype=torch.bool, device=device)
+    rows = max(1, MASK_CHUNK // max(C, 1))
+    cols = C if rows > 1 else max(4, MASK_CHUNK // 4 * 4)
+    for a in range(0, R, rows):                                        # blocks of rows (or of one row)
+        keys = _row_keys(key, torch.arange(a, min(a + rows, R), device=device))
+        for c in range(0, C, cols):
+            counter_bits(keys, c, min(c + cols, C), prob, out=mask[a:a + rows, c:c + cols])
     return mask.view(shape)
+
+
+def counter_keep_mask(seed, shape, mode="dropkey", drop_ratio=0.0, *, grid=None, prefix_tokens=1, block_size=3):
+    """The keep mask that the fast path uses for `seed`: `sample_keep_mask`'s distribution, as a pure function.
+
+    seed: int in [0, 2^63) or the int64 tensor of `draw_seed` (the mask is
+    made on its device). shape (..., Nq, Nk), True = kept. dropkey,
+    dropattention, vanilla: key j of query row r kept with probability 1 - d
+    (stream 1). dropkey_block / dropkey_cross: the prefix keys dropped at d
+    (stream 2), the grid seeds at gamma (stream 3), then the windows or
+    crosses of `sample_keep_mask`. No fall-back applied (see `fall_back`).
+    """
+    _check_ratio(drop_ratio)
+    *lead, Nq, Nk = shape
+    if mode not in STRUCTURED_MODES:
+        return _counter_bernoulli(shape, 1.0 - drop_ratio, seed)
+    _check_grid(grid, Nk, prefix_tokens, block_size)
+    n_h, n_w = grid
+    s = block_size
+    gamma = seed_rate(mode, drop_ratio, grid, block_size)
+    prefix_drop = _counter_bernoulli((*lead, Nq, prefix_tokens), drop_ratio, seed, stream=2)
+    seeds = _counter_bernoulli((*lead, Nq, (n_h - s + 1) * (n_w - s + 1)), gamma, seed, stream=3)
+    grid_drop = _structured_drop(lead + [Nq], mode, drop_ratio, grid, block_size, None, None,
+                                 seeds=seeds.view(*lead, Nq, n_h - s + 1, n_w - s + 1))
+    return ~torch.cat([prefix_drop, grid_drop], dim=-1)                # (..., Nq, Nk)
 
 
 def additive_mask(keep, dtype):
