@@ -262,16 +262,18 @@ def attention(query, key, value, attn_mask=None, drop_ratio=0.0, is_causal=False
     Nq, Nk = query.shape[-2], key.shape[-2]
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     dropping = mode != "none" and training and (keep_mask is not None or drop_ratio > 0)
+    if FLASH and not return_weights:  # the fast path draws its own mask: a seed, see `draw_seed`
+        out = _flash_attention(query, key, value, attn_mask, is_causal, scale, mode, drop_ratio if dropping else 0.0,
+                               keep_mask if dropping else None, generator,
+                               dict(grid=grid, prefix_tokens=prefix_tokens, block_size=block_size))
+        if out is not None:
+            return out
     keep = None                                                        # None: nothing dropped
     if dropping and keep_mask is None:
         keep = sample_keep_mask((*lead, Nq, Nk), mode, drop_ratio, grid=grid, prefix_tokens=prefix_tokens,
                                 block_size=block_size, device=query.device, generator=generator)
     elif dropping:
         keep = keep_mask                                               # (..., Nq, Nk), broadcastable
-    if FLASH and not return_weights:
-        out = _flash_attention(query, key, value, attn_mask, is_causal, scale, keep, mode)
-        if out is not None:
-            return out
     allowed, bias = allowed_keys(attn_mask, is_causal, Nq, Nk, query.device)  # (..., Nq, Nk) or None
     logits = (query @ key.transpose(-2, -1)) * scale                   # (..., Nq, Nk), q k^T / sqrt(E)
     if bias is not None:
@@ -672,14 +674,24 @@ def counter_keep_mask(seed, shape, mode="dropkey", drop_ratio=0.0, *, grid=None,
     if mode not in STRUCTURED_MODES:
         return _counter_bernoulli(shape, 1.0 - drop_ratio, seed)
     _check_grid(grid, Nk, prefix_tokens, block_size)
+    L = math.prod(lead)
+    _check_rows(L * Nq, Nk)
+    device = seed.device if isinstance(seed, torch.Tensor) else "cpu"
+    rows = torch.arange(L * Nq, device=device).view(L, Nq)
+    return _structured_keep(seed, rows, mode, drop_ratio, grid, prefix_tokens, block_size).view(shape)
+
+
+def _structured_keep(seed, rows, mode, drop_ratio, grid, prefix_tokens, block_size):
+    """Keep mask (*rows.shape, Nk) of DropKey-Block / -Cross for the row indices `rows` (Fig. 2)."""
     n_h, n_w = grid
     s = block_size
     gamma = seed_rate(mode, drop_ratio, grid, block_size)
-    prefix_drop = _counter_bernoulli((*lead, Nq, prefix_tokens), drop_ratio, seed, stream=2)
-    seeds = _counter_bernoulli((*lead, Nq, (n_h - s + 1) * (n_w - s + 1)), gamma, seed, stream=3)
-    grid_drop = _structured_drop(lead + [Nq], mode, drop_ratio, grid, block_size, None, None,
-                                 seeds=seeds.view(*lead, Nq, n_h - s + 1, n_w - s + 1))
-    return ~torch.cat([prefix_drop, grid_drop], dim=-1)                # (..., Nq, Nk)
+    flat = rows.reshape(-1)
+    prefix_drop = counter_bits(_row_keys(_seed_key(seed, 2, rows.device), flat), 0, prefix_tokens, drop_ratio)
+    seeds = counter_bits(_row_keys(_seed_key(seed, 3, rows.device), flat), 0, (n_h - s + 1) * (n_w - s + 1), gamma)
+    grid_drop = _structured_drop([len(flat)], mode, drop_ratio, grid, block_size, None, None,
+                                 seeds=seeds.view(-1, n_h - s + 1, n_w - s + 1))
+    return ~torch.cat([prefix_drop, grid_drop], dim=-1).view(*rows.shape, -1)  # (*rows.shape, Nk)
 
 
 def additive_mask(keep, dtype):
@@ -763,6 +775,145 @@ class _FlashCPU(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+TILE_Q, TILE_K = 1024, 512  # queries x keys of one tile of the tiled path (multiples of 4)
+
+
+class _TileMasks:
+    """The mask of any tile (queries i0:i1 x keys j0:j1) of (L, Nq, Nk), made when needed, never stored whole.
+
+    Kept keys come from the counter generator (`seed`) or from a given boolean
+    `keep` (broadcastable to (*lead, Nq, Nk)); they are and-ed with `allowed`
+    (bool, broadcastable) and the causal triangle. `fallback` (L, Nq), set
+    after the first forward pass, marks the rows whose allowed keys were all
+    dropped: they keep their allowed keys (`fall_back`).
+    """
+
+    def __init__(self, lead, Nq, Nk, mode, drop_ratio, seed, keep, allowed, bias, causal, structured):
+        self.lead, self.L, self.Nq, self.Nk = lead, math.prod(lead), Nq, Nk
+        self.mode, self.drop_ratio, self.seed, self.structured = mode, drop_ratio, seed, structured
+        self.keep = None if keep is None else keep.expand(*lead, Nq, Nk)
+        self.allowed = None if allowed is None else allowed.expand(*lead, Nq, Nk)
+        self.bias = None if bias is None else bias.expand(*lead, Nq, Nk)
+        self.causal, self.fallback = causal, None
+        if seed is not None and mode not in STRUCTURED_MODES:
+            self.seed_key = _seed_key(seed, 1, seed.device)
+
+    def _slice(self, t, i0, i1, j0, j1):
+        return t[..., i0:i1, j0:j1].reshape(self.L, i1 - i0, j1 - j0)  # (L, bq, bk), a copy of one tile
+
+    def rows(self, i0, i1):
+        """Per query tile: what the tiles of these rows share (row keys, or the structured mask of whole rows)."""
+        if self.seed is None:
+            return None
+        rows = torch.arange(self.L, device=self.seed.device)[:, None] * self.Nq + torch.arange(i0, i1)  # (L, bq)
+        if self.mode in STRUCTURED_MODES:
+            return _structured_keep(self.seed, rows, self.mode, self.drop_ratio, **self.structured)  # (L, bq, Nk)
+        return _row_keys(self.seed_key, rows.view(-1))                 # (L * bq,)
+
+    def tile(self, shared, i0, i1, j0, j1):
+        """(mask, bias) of one tile: bool (L, bq, bk) or None (every key), float (L, bq, bk) or None."""
+        if self.keep is not None:
+            mask = self._slice(self.keep, i0, i1, j0, j1)
+        elif self.mode in STRUCTURED_MODES:
+            mask = shared[:, :, j0:j1]
+        else:
+            mask = counter_bits(shared, j0, j1, 1.0 - self.drop_ratio).view(self.L, i1 - i0, j1 - j0)
+        if self.fallback is not None:
+            mask |= self.fallback[:, i0:i1, None]
+        if self.allowed is not None:
+            mask &= self._slice(self.allowed, i0, i1, j0, j1)
+        if self.causal:
+            mask &= torch.arange(i0, i1)[:, None] >= torch.arange(j0, j1)  # (bq, bk): key j <= query i
+        bias = None if self.bias is None else self._slice(self.bias, i0, i1, j0, j1)
+        return mask, bias
+
+    def key_tiles(self, i0, i1):
+        """Key tiles of the query rows i0:i1; under a causal mask the tiles right of the diagonal are skipped."""
+        end = min(self.Nk, i1) if self.causal else self.Nk
+        return [(j0, min(j0 + TILE_K, end)) for j0 in range(0, end, TILE_K)]
+
+
+def _scores(q_i, k, masks, shared, i0, i1, j0, j1):
+    """Scaled logits of one tile with -inf where masked, (L, bq, bk): Eq. 12 on a tile."""
+    s = torch.bmm(q_i, k[:, j0:j1].transpose(1, 2))                    # (L, bq, bk), q already scaled
+    mask, bias = masks.tile(shared, i0, i1, j0, j1)
+    if bias is not None:
+        s += bias
+    return s.masked_fill_(~mask, float("-inf"))
+
+
+def _forward_rows(q_i, k, v, masks, i0, i1):
+    """Rows i0:i1 of the output and their log-sum-exp, one key tile at a time (online softmax)."""
+    L, bq = q_i.shape[:2]
+    shared = masks.rows(i0, i1)
+    m = q_i.new_full((L, bq, 1), float("-inf"))                        # running row maximum
+    total = q_i.new_zeros(L, bq, 1)                                    # running sum of exp(s - m)
+    acc = q_i.new_zeros(L, bq, v.shape[-1])                            # running sum of exp(s - m) v
+    for j0, j1 in masks.key_tiles(i0, i1):
+        s = _scores(q_i, k, masks, shared, i0, i1, j0, j1)             # (L, bq, bk)
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)       # a row with nothing yet: exp(-inf) = 0
+        p = s.sub_(m_safe).exp_()                                      # exp(s - m), in place
+        alpha = (m - m_safe).exp_()
+        total.mul_(alpha).add_(p.sum(-1, keepdim=True))
+        acc.mul_(alpha).baddbmm_(p, v[:, j0:j1])
+        m = m_new
+    empty = total == 0                                                 # no key kept (or none allowed)
+    out = acc.div_(total.masked_fill(empty, 1.0))                     # zeros where empty
+    lse = (m + total.log()).masked_fill_(empty, float("inf"))         # exp(s - inf) = 0 in backward
+    return out, lse, empty.squeeze(-1)
+
+
+class _TiledAttention(torch.autograd.Function):
+    """Masked attention by tiles of TILE_Q queries x TILE_K keys, flash-attention style.
+
+    Forward: for each query tile, the key tiles with a running max and sum
+    (log-sum-exp merge); backward: every tile recomputed from q, k, v and its
+    mask made again. Nothing of size Nq x Nk is stored: for backward q, k, v,
+    out, the log-sum-exp (L, Nq) and the fall-back rows (L, Nq) bool.
+    q (L, Nq, E), k (L, Nk, E), v (L, Nk, Ev), contiguous; masks: _TileMasks.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, masks, scale):
+        L, Nq = q.shape[:2]
+        out = q.new_empty(L, Nq, v.shape[-1])
+        lse = q.new_empty(L, Nq, 1)
+        fallback = torch.zeros(L, Nq, dtype=torch.bool)
+        for i0 in range(0, Nq, TILE_Q):
+            i1 = min(i0 + TILE_Q, Nq)
+            q_i = q[:, i0:i1] * scale
+            out_i, lse_i, empty = _forward_rows(q_i, k, v, masks, i0, i1)
+            if empty.any():                                            # rare: a row with every allowed key dropped
+                fallback[:, i0:i1] = empty
+                masks.fallback = fallback
+                out_i, lse_i, _ = _forward_rows(q_i, k, v, masks, i0, i1)
+            out[:, i0:i1], lse[:, i0:i1] = out_i, lse_i
+        masks.fallback = fallback if fallback.any() else None
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.masks, ctx.scale = masks, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        masks, scale = ctx.masks, ctx.scale
+        grad_out = grad_out.contiguous()
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for i0 in range(0, q.shape[1], TILE_Q):
+            i1 = min(i0 + TILE_Q, q.shape[1])
+            shared = masks.rows(i0, i1)
+            q_i, do_i, lse_i = q[:, i0:i1] * scale, grad_out[:, i0:i1], lse[:, i0:i1]
+            delta = (do_i * out[:, i0:i1]).sum(-1, keepdim=True)       # (L, bq, 1): rowsum(dO o O)
+            for j0, j1 in masks.key_tiles(i0, i1):
+                p = _scores(q_i, k, masks, shared, i0, i1, j0, j1).sub_(lse_i).exp_()  # (L, bq, bk), Eq. 14
+                dv[:, j0:j1].baddbmm_(p.transpose(1, 2), do_i)
+                ds = torch.bmm(do_i, v[:, j0:j1].transpose(1, 2)).sub_(delta).mul_(p)  # dL/ds
+                dq[:, i0:i1].baddbmm_(ds, k[:, j0:j1], alpha=scale)
+                dk[:, j0:j1].baddbmm_(ds.transpose(1, 2), q_i)
+        return dq, dk, dv, None, None
+
+
 def _cpu_flash_fits(q, k, v, bias):
     """Whether _FlashCPU can run these inputs: CPU eager, float32/bfloat16, (B, H, N, E) of one layout."""
     return (_CPU_FLASH is not None and _CPU_FLASH_BACKWARD is not None and q.device.type == "cpu"
@@ -772,23 +923,52 @@ def _cpu_flash_fits(q, k, v, bias):
             and (bias is None or not bias.requires_grad))
 
 
-def _flash_attention(query, key, value, attn_mask, is_causal, scale, keep, mode):
+TILED_FROM = 2**24  # mask elements (B H Nq Nk) from which CPU training takes the tiled path
+
+
+def _tiled_fits(q, k, v, attn_mask, lead):
+    """Whether _TiledAttention runs these inputs: CPU eager, float32/float64, a large mask, no bias gradient."""
+    return (q.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+            and q.dtype in (torch.float32, torch.float64) and len({q.dtype, k.dtype, v.dtype}) == 1
+            and math.prod(lead) * q.shape[-2] * k.shape[-2] >= TILED_FROM
+            and (attn_mask is None or not attn_mask.requires_grad))
+
+
+def _flash_attention(query, key, value, attn_mask, is_causal, scale, mode, drop_ratio, keep, generator, structured):
     """`attention` from fused kernels; None where they cannot give its numbers (the explicit path runs).
 
+    keep: the caller's keep_mask, or None: then, if drop_ratio > 0, the mask
+    is `counter_keep_mask` of one seed drawn here (`draw_seed`), made whole
+    for the kernels that take a mask tensor, tile by tile for the tiled path.
     No drop: SDPA itself. DropKey, its structured variants and DropAttention
-    (Eq. 1 = Eq. 14): SDPA with the allowed-and-kept keys as its mask, after
-    `fall_back`. Vanilla dropout is not a masked softmax: explicit path.
+    (Eq. 1 = Eq. 14): the allowed-and-kept keys as the kernel's mask, after
+    `fall_back`; long rows on the CPU: `_TiledAttention`. Vanilla dropout is
+    not a masked softmax: explicit path (None before any seed is drawn).
     """
     Nq, Nk = query.shape[-2], key.shape[-2]
-    if keep is None and not (attn_mask is not None and is_causal):
+    dropping = keep is not None or drop_ratio > 0
+    if not dropping and not (attn_mask is not None and is_causal):
         return F.scaled_dot_product_attention(query, key, value, attn_mask, is_causal=is_causal, scale=scale)
+    if dropping and mode == "vanilla":
+        return None
+    lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    seed = draw_seed(generator, query.device) if dropping and keep is None else None
+    if mode in STRUCTURED_MODES and seed is not None:
+        _check_grid(structured["grid"], Nk, structured["prefix_tokens"], structured["block_size"])
+    if dropping and _tiled_fits(query, key, value, attn_mask, lead):
+        boolean = attn_mask is not None and attn_mask.dtype == torch.bool
+        masks = _TileMasks(lead, Nq, Nk, mode, drop_ratio, seed, keep, attn_mask if boolean else None,
+                           None if boolean else attn_mask, is_causal, structured)
+        L = math.prod(lead)
+        q, k, v = (t.expand(*lead, *t.shape[-2:]).reshape(L, *t.shape[-2:]).contiguous()
+                   for t in (query, key, value))                       # (L, N, E)
+        return _TiledAttention.apply(q, k, v, masks, scale).view(*lead, Nq, value.shape[-1])
+    if seed is not None:
+        keep = counter_keep_mask(seed, (*lead, Nq, Nk), mode, drop_ratio, **structured)  # (..., Nq, Nk)
     allowed, bias = allowed_keys(attn_mask, is_causal, Nq, Nk, query.device)
     if keep is None:                                                   # attn_mask and is_causal: SDPA takes one
         mask = allowed if bias is None else torch.where(allowed, bias, float("-inf"))
         return F.scaled_dot_product_attention(query, key, value, mask, scale=scale)
-    if mode == "vanilla":
-        return None
-    lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
     if bias is not None:
         bias = bias.expand(*lead, Nq, Nk)
     if _cpu_flash_fits(query, key, value, bias):                      # fall_back inside, only where needed
