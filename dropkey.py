@@ -952,6 +952,9 @@ def _flash_attention(query, key, value, attn_mask, is_causal, scale, mode, drop_
     if dropping and mode == "vanilla":
         return None
     lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    if dropping and keep is None and not _fast_sampler(query.device):  # under torch.compile: torch's RNG
+        keep = sample_keep_mask((*lead, Nq, Nk), mode, drop_ratio, **structured, device=query.device,
+                                generator=generator)
     seed = draw_seed(generator, query.device) if dropping and keep is None else None
     if mode in STRUCTURED_MODES and seed is not None:
         _check_grid(structured["grid"], Nk, structured["prefix_tokens"], structured["block_size"])
