@@ -608,7 +608,8 @@ def _threshold(prob):
     return round(prob * 65536) - 32768
 
 
-WORD_CHUNK = 2**16  # 64-bit words mixed at a time: two 512 KiB buffers, reused, stay in cache
+WORD_CHUNK = 2**15  # 64-bit words mixed at a time: two 256 KiB buffers, reused, stay in cache; below
+# torch's grain size (32768), so each op runs on one thread: no thread sync per small op
 
 
 def counter_bits(row_keys, c0, c1, prob, out=None):
@@ -775,7 +776,7 @@ class _FlashCPU(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-TILE_Q, TILE_K = 1024, 512  # queries x keys of one tile of the tiled path (multiples of 4)
+TILE_ELEMENTS = 2**20  # mask elements (L x queries x keys) of one tile of the tiled path: 4 MiB as float32
 
 
 class _TileMasks:
@@ -795,6 +796,9 @@ class _TileMasks:
         self.allowed = None if allowed is None else allowed.expand(*lead, Nq, Nk)
         self.bias = None if bias is None else bias.expand(*lead, Nq, Nk)
         self.causal, self.fallback = causal, None
+        # Whole rows of keys when TILE_ELEMENTS holds 16 of them; else 16 rows by key blocks (multiples of 4).
+        self.tile_q = max(16, TILE_ELEMENTS // (self.L * Nk))
+        self.tile_k = Nk if self.L * Nk * 16 <= TILE_ELEMENTS else max(4, TILE_ELEMENTS // (self.L * 64) * 4)
         if seed is not None and mode not in STRUCTURED_MODES:
             self.seed_key = _seed_key(seed, 1, seed.device)
 
@@ -830,7 +834,17 @@ class _TileMasks:
     def key_tiles(self, i0, i1):
         """Key tiles of the query rows i0:i1; under a causal mask the tiles right of the diagonal are skipped."""
         end = min(self.Nk, i1) if self.causal else self.Nk
-        return [(j0, min(j0 + TILE_K, end)) for j0 in range(0, end, TILE_K)]
+        return [(j0, min(j0 + self.tile_k, end)) for j0 in range(0, end, self.tile_k)]
+
+    def query_tiles(self):
+        return [(i0, min(i0 + self.tile_q, self.Nq)) for i0 in range(0, self.Nq, self.tile_q)]
+
+    def float_tile(self, shared, i0, i1, j0, j1, dtype):
+        """The tile as the CPU kernel's float mask (L, bq, bk), and which rows keep a key in it (L, bq)."""
+        mask, bias = self.tile(shared, i0, i1, j0, j1)
+        if bias is None:
+            return additive_mask(mask, dtype), mask.any(-1)
+        return torch.where(mask, bias.to(dtype), float("-inf")), (mask & (bias > float("-inf"))).any(-1)
 
 
 def _scores(q_i, k, masks, shared, i0, i1, j0, j1):
@@ -864,6 +878,35 @@ def _forward_rows(q_i, k, v, masks, i0, i1):
     return out, lse, empty.squeeze(-1)
 
 
+def _flash_rows(q_i, k, v, masks, i0, i1, scale):
+    """Rows i0:i1 from SDPA's CPU flash kernel, one key tile per call, merged by their log-sum-exp."""
+    shared = masks.rows(i0, i1)
+    outs, lses, kept = [], [], torch.zeros(q_i.shape[:2], dtype=torch.bool)
+    for j0, j1 in masks.key_tiles(i0, i1):
+        mask, any_kept = masks.float_tile(shared, i0, i1, j0, j1, q_i.dtype)
+        o, lse = _CPU_FLASH(q_i[None], k[None, :, j0:j1], v[None, :, j0:j1], 0.0, False,
+                            attn_mask=mask[None], scale=scale)         # (1, L, bq, E), (1, L, bq)
+        outs.append(o[0])
+        lses.append(lse[0].masked_fill(~any_kept, float("-inf")))      # the kernel gives lse 0 to an empty row
+        kept |= any_kept
+    lse = torch.logsumexp(torch.stack(lses), 0) if len(lses) > 1 else lses[0]  # (L, bq)
+    lse = lse.masked_fill(~kept, 0.0)                                  # empty: out 0, and p = 0 in backward
+    out = outs[0] if len(outs) == 1 else sum((l_j - lse).exp()[..., None] * o_j for o_j, l_j in zip(outs, lses))
+    return out, lse[..., None], ~kept
+
+
+def _flash_rows_backward(do_i, q_i, k, v, out_i, lse_i, masks, i0, i1, scale, dq, dk, dv):
+    """Gradients of rows i0:i1 from the kernel's backward, one key tile per call, added into dq, dk, dv."""
+    shared = masks.rows(i0, i1)
+    for j0, j1 in masks.key_tiles(i0, i1):
+        mask, _ = masks.float_tile(shared, i0, i1, j0, j1, q_i.dtype)
+        grads = _CPU_FLASH_BACKWARD(do_i[None], q_i[None], k[None, :, j0:j1], v[None, :, j0:j1], out_i[None],
+                                    lse_i[None, ..., 0], 0.0, False, attn_mask=mask[None], scale=scale)
+        dq[:, i0:i1] += grads[0][0]                                    # with the whole row's out and lse, each
+        dk[:, j0:j1] += grads[1][0]                                    # tile's share of the gradient is exact
+        dv[:, j0:j1] += grads[2][0]
+
+
 class _TiledAttention(torch.autograd.Function):
     """Masked attention by tiles of TILE_Q queries x TILE_K keys, flash-attention style.
 
@@ -880,14 +923,13 @@ class _TiledAttention(torch.autograd.Function):
         out = q.new_empty(L, Nq, v.shape[-1])
         lse = q.new_empty(L, Nq, 1)
         fallback = torch.zeros(L, Nq, dtype=torch.bool)
-        for i0 in range(0, Nq, TILE_Q):
-            i1 = min(i0 + TILE_Q, Nq)
-            q_i = q[:, i0:i1] * scale
-            out_i, lse_i, empty = _forward_rows(q_i, k, v, masks, i0, i1)
+        kernel = _flash_rows if _tiled_kernel(q, v) else (lambda q_i, *a: _forward_rows(q_i * scale, *a[:-1]))
+        for i0, i1 in masks.query_tiles():
+            out_i, lse_i, empty = kernel(q[:, i0:i1], k, v, masks, i0, i1, scale)
             if empty.any():                                            # rare: a row with every allowed key dropped
                 fallback[:, i0:i1] = empty
                 masks.fallback = fallback
-                out_i, lse_i, _ = _forward_rows(q_i, k, v, masks, i0, i1)
+                out_i, lse_i, _ = kernel(q[:, i0:i1], k, v, masks, i0, i1, scale)
             out[:, i0:i1], lse[:, i0:i1] = out_i, lse_i
         masks.fallback = fallback if fallback.any() else None
         ctx.save_for_backward(q, k, v, out, lse)
@@ -900,8 +942,11 @@ class _TiledAttention(torch.autograd.Function):
         masks, scale = ctx.masks, ctx.scale
         grad_out = grad_out.contiguous()
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for i0 in range(0, q.shape[1], TILE_Q):
-            i1 = min(i0 + TILE_Q, q.shape[1])
+        for i0, i1 in masks.query_tiles():
+            if _tiled_kernel(q, v):
+                _flash_rows_backward(grad_out[:, i0:i1], q[:, i0:i1], k, v, out[:, i0:i1], lse[:, i0:i1],
+                                     masks, i0, i1, scale, dq, dk, dv)
+                continue
             shared = masks.rows(i0, i1)
             q_i, do_i, lse_i = q[:, i0:i1] * scale, grad_out[:, i0:i1], lse[:, i0:i1]
             delta = (do_i * out[:, i0:i1]).sum(-1, keepdim=True)       # (L, bq, 1): rowsum(dO o O)
@@ -912,6 +957,12 @@ class _TiledAttention(torch.autograd.Function):
                 dq[:, i0:i1].baddbmm_(ds, k[:, j0:j1], alpha=scale)
                 dk[:, j0:j1].baddbmm_(ds.transpose(1, 2), q_i)
         return dq, dk, dv, None, None
+
+
+def _tiled_kernel(q, v):
+    """Whether the tiles go to SDPA's CPU flash kernel (a private op) rather than the public-op loop above."""
+    return _CPU_FLASH is not None and _CPU_FLASH_BACKWARD is not None and q.dtype == torch.float32 \
+        and q.shape[-1] == v.shape[-1]
 
 
 def _cpu_flash_fits(q, k, v, bias):
