@@ -569,13 +569,21 @@ def _int64(n):
 
 
 def mix64(x, scratch=None):
-    """SplitMix64's finaliser on an int64 tensor, in place: x ^= x >>> 30; x *= M1; ... (logical shifts)."""
-    scratch = torch.empty_like(x) if scratch is None else scratch
+    """SplitMix64's finaliser on an int64 tensor: x ^= x >>> 30; x *= M1; x ^= x >>> 27; x *= M2; x ^= x >>> 31.
+
+    With a `scratch` tensor like x, in place (the CPU path); without, a new
+    tensor (what FlexAttention's mask_mod needs).
+    """
     for shift, multiplier in _MIX:
+        low = (1 << (64 - shift)) - 1                                  # >> is arithmetic: keep 64 - shift bits
+        if scratch is None:
+            x = x ^ ((x >> shift) & low)
+            x = x if multiplier is None else x * multiplier            # wraps modulo 2^64
+            continue
         torch.bitwise_right_shift(x, shift, out=scratch)
-        x ^= scratch.bitwise_and_((1 << (64 - shift)) - 1)             # >> is arithmetic: keep 64 - shift bits
+        x ^= scratch.bitwise_and_(low)
         if multiplier is not None:
-            x *= multiplier                                            # wraps modulo 2^64
+            x *= multiplier
     return x
 
 
@@ -596,12 +604,14 @@ def _seed_key(seed, stream, device):
         seed = torch.tensor(seed, dtype=torch.int64)
     elif seed.dtype != torch.int64 or seed.dim() != 0:
         raise ValueError(f"seed must be an int64 scalar tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
-    return mix64(seed.to(device) + _int64(stream * GOLDEN))
+    x = seed.to(device) + _int64(stream * GOLDEN)
+    return mix64(x, torch.empty_like(x))
 
 
 def _row_keys(seed_key, rows):
     """mix64(k + (r + 1) * GOLDEN) for the int64 tensor of row indices `rows`."""
-    return mix64(seed_key + (rows + 1) * GOLDEN)
+    x = seed_key + (rows + 1) * GOLDEN
+    return mix64(x, torch.empty_like(x))
 
 
 def _threshold(prob):
@@ -974,6 +984,74 @@ def _cpu_flash_fits(q, k, v, bias):
             and (bias is None or not bias.requires_grad))
 
 
+def _flex_mask_mod(seed, lead, Nq, drop_ratio, allowed, causal, fallback=None):
+    """FlexAttention's mask_mod of DropKey: the bit of `counter_keep_mask` at (b, h, q, kv), then the masks.
+
+    The same arithmetic as `counter_bits`, for one element: row r = b H + h
+    for (B, H, Nq, Nk) inputs, its key, the word of key kv // 4 and its
+    16-bit piece kv % 4, compared as an offset-binary number (+32768, so
+    that the signed comparison of `counter_bits` holds). Composed with the
+    boolean `allowed` (broadcast to (B, H, Nq, Nk)) and the causal triangle;
+    `fallback` (B, H, Nq) marks rows that keep every allowed key.
+    """
+    H = lead[1]
+    seed_key = _seed_key(seed, 1, seed.device)
+    limit = _threshold(1.0 - drop_ratio) + 32768
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        r = (b.long() * H + h) * Nq + q_idx
+        word = mix64(mix64(seed_key + (r + 1) * GOLDEN) + (kv_idx.long() // 4 + 1) * GOLDEN)
+        keep = (((word >> (kv_idx.long() % 4) * 16) + 32768) & 0xFFFF) < limit    # Eq. 12: kept with 1 - d
+        if fallback is not None:
+            keep = keep | fallback[b, h, q_idx]
+        if allowed is not None:
+            keep = keep & allowed[b, h, q_idx, kv_idx]
+        if causal:
+            keep = keep & (kv_idx <= q_idx)
+        return keep
+
+    return mask_mod
+
+
+def _flex_attention(query, key, value, seed, drop_ratio, attn_mask, is_causal, scale):
+    """DropKey through `torch.nn.attention.flex_attention`: the mask is a function, nothing N x N is made.
+
+    (B, H, N, E) inputs, a boolean attn_mask or none. The block mask is built
+    from the mask_mod on every call (each call has its own seed). The
+    fall-back needs to know which rows kept no key: the kernel's log-sum-exp
+    says (-inf), and only then is it run again with those rows' allowed keys
+    (a host sync on the GPU for that check). Backward recomputes the mask
+    from the same mask_mod, as FlexAttention does for any mask.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    lead, (Nq, Nk) = query.shape[:2], (query.shape[-2], key.shape[-2])
+    allowed = None if attn_mask is None else attn_mask.expand(*lead, Nq, Nk)
+
+    def run(fallback):
+        mask_mod = _flex_mask_mod(seed, lead, Nq, drop_ratio, allowed, is_causal, fallback)
+        block_mask = create_block_mask(mask_mod, lead[0], lead[1], Nq, Nk, device=query.device)
+        return flex_attention(query, key, value, block_mask=block_mask, scale=scale, return_lse=True)
+
+    out, lse = run(None)
+    empty = lse == float("-inf")                                       # (B, H, Nq): no key kept
+    if empty.any():
+        out, _ = run(empty)
+    return out
+
+
+def _flex_fits(q, k, v, attn_mask, mode):
+    """Whether the FlexAttention path runs: CUDA, (B, H, N, E) of one leading shape, a boolean mask or none."""
+    if not (q.device.type == "cuda" and mode in ("dropkey", "dropattention") and not torch.compiler.is_compiling()
+            and q.dim() == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2]
+            and (attn_mask is None or attn_mask.dtype == torch.bool)):
+        return False
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 TILED_FROM = 2**24  # mask elements (B H Nq Nk) from which CPU training takes the tiled path
 
 
@@ -1017,6 +1095,8 @@ def _flash_attention(query, key, value, attn_mask, is_causal, scale, mode, drop_
         q, k, v = (t.expand(*lead, *t.shape[-2:]).reshape(L, *t.shape[-2:]).contiguous()
                    for t in (query, key, value))                       # (L, N, E)
         return _TiledAttention.apply(q, k, v, masks, scale).view(*lead, Nq, value.shape[-1])
+    if seed is not None and _flex_fits(query, key, value, attn_mask, mode):
+        return _flex_attention(query, key, value, seed, drop_ratio, attn_mask, is_causal, scale)
     if seed is not None:
         keep = counter_keep_mask(seed, (*lead, Nq, Nk), mode, drop_ratio, **structured)  # (..., Nq, Nk)
     allowed, bias = allowed_keys(attn_mask, is_causal, Nq, Nk, query.device)
