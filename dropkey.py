@@ -626,9 +626,11 @@ def counter_bits(row_keys, c0, c1, prob, out=None):
     """Bits (R, c1 - c0) of the R rows with keys `row_keys`, columns c0 .. c1 - 1 (c0 % 4 == 0).
 
     True with probability `prob` (on a 1/65536 grid); the same bits for any
-    split into blocks of rows or columns. The words are mixed WORD_CHUNK at a
-    time in two reused buffers: a fresh multi-MiB tensor per op would be
-    page-faulted in each time and cost 5x the arithmetic.
+    split into blocks of rows or columns. `out`: a bool tensor (R, c1 - c0) to
+    fill, or a float one: then the mask D of Eq. 12 is written, 0 where True
+    and -inf where False (`additive_mask`). The words are mixed WORD_CHUNK at
+    a time in reused buffers: a fresh tensor per op would be page-faulted in
+    each time and cost more than the arithmetic.
     """
     R, C = row_keys.shape[0], c1 - c0
     out = torch.empty(R, C, dtype=torch.bool, device=row_keys.device) if out is None else out
@@ -636,12 +638,16 @@ def counter_bits(row_keys, c0, c1, prob, out=None):
     rows = max(1, WORD_CHUNK // len(offsets))
     words = row_keys.new_empty(min(rows, R), len(offsets))             # (rows, W)
     scratch = torch.empty_like(words)
+    bits = words.new_empty(min(rows, R), C, dtype=torch.bool) if out.is_floating_point() else None
     for a in range(0, R, rows):                                        # blocks of rows, never a loop over tokens
         b = min(a + rows, R)
         w = torch.add(row_keys[a:b, None], offsets, out=words[:b - a])  # k_r + (c // 4 + 1) * GOLDEN
         mix64(w, scratch[:b - a])
         uniform16 = w.view(torch.int16)[:, :C]                         # little-endian: piece c % 4 of word c // 4
-        torch.lt(uniform16, _threshold(prob), out=out[a:b])
+        if bits is None:
+            torch.lt(uniform16, _threshold(prob), out=out[a:b])
+        else:
+            _additive_into(torch.lt(uniform16, _threshold(prob), out=bits[:b - a]), out[a:b])
     return out
 
 
@@ -711,9 +717,15 @@ def additive_mask(keep, dtype):
     Written as bits, ~8x faster on CPU than torch.where(keep, 0, -inf): a
     dropped key gets the bit pattern of -inf, a kept one that of +0.0.
     """
-    bits = {torch.float64: torch.int64, torch.float32: torch.int32}.get(dtype, torch.int16)
-    minus_inf = torch.tensor(float("-inf"), dtype=dtype).view(bits).item()  # 0xFF800000 for float32
-    return (~keep).to(bits).mul_(minus_inf).view(dtype)                # 0 * pattern = +0.0
+    return _additive_into(keep, torch.empty(keep.shape, dtype=dtype, device=keep.device))
+
+
+def _additive_into(keep, out):
+    """`additive_mask` written into the float tensor `out`: (keep - 1) & pattern(-inf), as integers."""
+    bits = out.view({torch.float64: torch.int64, torch.float32: torch.int32}.get(out.dtype, torch.int16))
+    minus_inf = torch.tensor(float("-inf"), dtype=out.dtype).view(bits.dtype).item()  # 0xFF800000 for float32
+    bits.copy_(keep).sub_(1).bitwise_and_(minus_inf)                  # kept: 0 & pattern = +0.0; dropped: -1 & pattern
+    return out
 
 
 def _private_op(name):
@@ -850,11 +862,29 @@ class _TileMasks:
         return [(i0, min(i0 + self.tile_q, self.Nq)) for i0 in range(0, self.Nq, self.tile_q)]
 
     def float_tile(self, shared, i0, i1, j0, j1, dtype):
-        """The tile as the CPU kernel's float mask (L, bq, bk), and which rows keep a key in it (L, bq)."""
-        mask, bias = self.tile(shared, i0, i1, j0, j1)
-        if bias is None:
-            return additive_mask(mask, dtype), mask.any(-1)
-        return torch.where(mask, bias.to(dtype), float("-inf")), (mask & (bias > float("-inf"))).any(-1)
+        """The tile as the CPU kernel's float mask (L, bq, bk): bias (or 0) where kept, -inf where not.
+
+        Written into one buffer reused by every tile (a fresh one would be page-faulted in each time);
+        the counter bits go straight to floats.
+        """
+        shape = (self.L, i1 - i0, j1 - j0)
+        if getattr(self, "buffer", None) is None or self.buffer.dtype != dtype:
+            self.buffer = torch.empty(self.L * self.tile_q * min(self.tile_k, self.Nk), dtype=dtype)
+        out = self.buffer[:math.prod(shape)].view(shape)
+        if self.keep is None and self.mode not in STRUCTURED_MODES:
+            counter_bits(shared, j0, j1, 1.0 - self.drop_ratio, out=out.view(-1, j1 - j0))
+        else:
+            _additive_into(self._slice(self.keep, i0, i1, j0, j1) if self.keep is not None
+                           else shared[:, :, j0:j1], out)
+        if self.fallback is not None:
+            out.masked_fill_(self.fallback[:, i0:i1, None], 0.0)
+        if self.allowed is not None:
+            out.masked_fill_(~self._slice(self.allowed, i0, i1, j0, j1), float("-inf"))
+        if self.causal:
+            out.masked_fill_(torch.arange(i0, i1)[:, None] < torch.arange(j0, j1), float("-inf"))
+        if self.bias is not None:
+            out += self._slice(self.bias, i0, i1, j0, j1)
+        return out
 
 
 def _scores(q_i, k, masks, shared, i0, i1, j0, j1):
@@ -893,11 +923,15 @@ def _flash_rows(q_i, k, v, masks, i0, i1, scale):
     shared = masks.rows(i0, i1)
     outs, lses, kept = [], [], torch.zeros(q_i.shape[:2], dtype=torch.bool)
     for j0, j1 in masks.key_tiles(i0, i1):
-        mask, any_kept = masks.float_tile(shared, i0, i1, j0, j1, q_i.dtype)
+        mask = masks.float_tile(shared, i0, i1, j0, j1, q_i.dtype)
         o, lse = _CPU_FLASH(q_i[None], k[None, :, j0:j1], v[None, :, j0:j1], 0.0, False,
                             attn_mask=mask[None], scale=scale)         # (1, L, bq, E), (1, L, bq)
+        any_kept = torch.ones_like(kept)
+        suspect = lse[0] == 0                                          # the kernel gives an empty row lse 0
+        if suspect.any():                                              # check only those rows
+            any_kept[suspect] = (mask[suspect] > float("-inf")).any(-1)
         outs.append(o[0])
-        lses.append(lse[0].masked_fill(~any_kept, float("-inf")))      # the kernel gives lse 0 to an empty row
+        lses.append(lse[0].masked_fill(~any_kept, float("-inf")))
         kept |= any_kept
     lse = torch.logsumexp(torch.stack(lses), 0) if len(lses) > 1 else lses[0]  # (L, bq)
     lse = lse.masked_fill(~kept, 0.0)                                  # empty: out 0, and p = 0 in backward
@@ -909,7 +943,7 @@ def _flash_rows_backward(do_i, q_i, k, v, out_i, lse_i, masks, i0, i1, scale, dq
     """Gradients of rows i0:i1 from the kernel's backward, one key tile per call, added into dq, dk, dv."""
     shared = masks.rows(i0, i1)
     for j0, j1 in masks.key_tiles(i0, i1):
-        mask, _ = masks.float_tile(shared, i0, i1, j0, j1, q_i.dtype)
+        mask = masks.float_tile(shared, i0, i1, j0, j1, q_i.dtype)
         grads = _CPU_FLASH_BACKWARD(do_i[None], q_i[None], k[None, :, j0:j1], v[None, :, j0:j1], out_i[None],
                                     lse_i[None, ..., 0], 0.0, False, attn_mask=mask[None], scale=scale)
         dq[:, i0:i1] += grads[0][0]                                    # with the whole row's out and lse, each
