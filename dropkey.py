@@ -638,16 +638,17 @@ def counter_bits(row_keys, c0, c1, prob, out=None):
     rows = max(1, WORD_CHUNK // len(offsets))
     words = row_keys.new_empty(min(rows, R), len(offsets))             # (rows, W)
     scratch = torch.empty_like(words)
-    bits = words.new_empty(min(rows, R), C, dtype=torch.bool) if out.is_floating_point() else None
+    bits = words.new_empty(min(rows, R), 4 * len(offsets), dtype=torch.bool)
     for a in range(0, R, rows):                                        # blocks of rows, never a loop over tokens
         b = min(a + rows, R)
         w = torch.add(row_keys[a:b, None], offsets, out=words[:b - a])  # k_r + (c // 4 + 1) * GOLDEN
         mix64(w, scratch[:b - a])
-        uniform16 = w.view(torch.int16)[:, :C]                         # little-endian: piece c % 4 of word c // 4
-        if bits is None:
-            torch.lt(uniform16, _threshold(prob), out=out[a:b])
+        uniform16 = w.view(torch.int16)                                # little-endian: piece c % 4 of word c // 4
+        kept = torch.lt(uniform16, _threshold(prob), out=bits[:b - a])[:, :C]  # contiguous: a vectorised compare
+        if out.is_floating_point():
+            _additive_into(kept, out[a:b])
         else:
-            _additive_into(torch.lt(uniform16, _threshold(prob), out=bits[:b - a]), out[a:b])
+            out[a:b] = kept
     return out
 
 
@@ -798,7 +799,7 @@ class _FlashCPU(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-TILE_ELEMENTS = 2**20  # mask elements (L x queries x keys) of one tile of the tiled path: 4 MiB as float32
+TILE_ELEMENTS = 2**21  # mask elements (L x queries x keys) of one tile of the tiled path: 8 MiB as float32
 
 
 class _TileMasks:
