@@ -618,7 +618,7 @@ def _threshold(prob):
     return round(prob * 65536) - 32768
 
 
-WORD_CHUNK = 2**15  # 64-bit words mixed at a time: two 256 KiB buffers, reused, stay in cache; below
+WORD_CHUNK = 2**16  # 64-bit words mixed at a time: two 512 KiB buffers, reused, stay in cache
 # torch's grain size (32768), so each op runs on one thread: no thread sync per small op
 
 
@@ -638,17 +638,16 @@ def counter_bits(row_keys, c0, c1, prob, out=None):
     rows = max(1, WORD_CHUNK // len(offsets))
     words = row_keys.new_empty(min(rows, R), len(offsets))             # (rows, W)
     scratch = torch.empty_like(words)
-    bits = words.new_empty(min(rows, R), 4 * len(offsets), dtype=torch.bool)
+    bits = words.new_empty(min(rows, R), C, dtype=torch.bool) if out.is_floating_point() else None
     for a in range(0, R, rows):                                        # blocks of rows, never a loop over tokens
         b = min(a + rows, R)
         w = torch.add(row_keys[a:b, None], offsets, out=words[:b - a])  # k_r + (c // 4 + 1) * GOLDEN
         mix64(w, scratch[:b - a])
-        uniform16 = w.view(torch.int16)                                # little-endian: piece c % 4 of word c // 4
-        kept = torch.lt(uniform16, _threshold(prob), out=bits[:b - a])[:, :C]  # contiguous: a vectorised compare
-        if out.is_floating_point():
-            _additive_into(kept, out[a:b])
+        uniform16 = w.view(torch.int16)[:, :C]                         # little-endian: piece c % 4 of word c // 4
+        if bits is None:
+            torch.lt(uniform16, _threshold(prob), out=out[a:b])
         else:
-            out[a:b] = kept
+            _additive_into(torch.lt(uniform16, _threshold(prob), out=bits[:b - a]), out[a:b])
     return out
 
 
