@@ -619,7 +619,6 @@ def _threshold(prob):
 
 
 WORD_CHUNK = 2**16  # 64-bit words mixed at a time: two 512 KiB buffers, reused, stay in cache
-# torch's grain size (32768), so each op runs on one thread: no thread sync per small op
 
 
 def counter_bits(row_keys, c0, c1, prob, out=None):
