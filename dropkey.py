@@ -1170,17 +1170,56 @@ def saved_bytes(fn):
     return sum(storages.values())
 
 
-def time_rounds(fns, runs, device):
+def peak_bytes(fn, device="cpu"):
+    """Peak memory that fn() adds, in bytes: on CUDA torch's allocator; on CPU the process's resident set.
+
+    CPU (Linux): freed heap memory is handed back (malloc_trim), the
+    high-water mark of the resident set reset (/proc/self/clear_refs), then
+    VmHWM after fn() minus VmRSS before it: every byte the process touched,
+    allocator and kernel scratch included. None where /proc is not there.
+    """
+    import ctypes
+    import re
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+
+    def status(field):
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) * 1024
+    try:
+        getattr(ctypes.CDLL(None), "malloc_trim", lambda pad: 0)(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status("VmRSS")
+    except (OSError, AttributeError):
+        return None
+    fn()
+    return status("VmHWM") - before
+
+
+def time_rounds(fns, runs, device, first=None):
     """Wall times in ms of every fn of the dict `fns`, {name: [ms per round]}, after 3 warm-ups each.
 
     Each round calls every fn once, in a fresh random order, so a drift of the
-    machine hits every row alike.
+    machine hits every row alike. `first`: a dict that gets each fn's first
+    call (ms), which may include one-time costs.
     """
     import random
     import time
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    for fn in fns.values():
-        for _ in range(3):
+    for name, fn in fns.items():
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        if first is not None:
+            first[name] = (time.perf_counter() - start) * 1e3
+        for _ in range(2):
             fn()
     times = {name: [] for name in fns}
     order = random.Random(0)
@@ -1203,7 +1242,7 @@ def paired_ratio(times, base):
     return median([t / b for t, b in zip(times, base)])
 
 
-def _bench(B, H, N, D, runs, dtype, device, drop_ratio=0.3):
+def _bench(B, H, N, D, runs, dtype, device, drop_ratio=0.3, memory=True):
     side = math.isqrt(N - 1)
     q, k, v = (torch.randn(B, H, N, D, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
     cases = {"SDPA, no dropout": lambda: F.scaled_dot_product_attention(q, k, v)}
@@ -1211,28 +1250,39 @@ def _bench(B, H, N, D, runs, dtype, device, drop_ratio=0.3):
         cases[mode] = lambda mode=mode: attention(q, k, v, drop_ratio=drop_ratio, mode=mode,
                                                   grid=(side, side), block_size=min(3, side))
     cases["paper Algorithm 1"] = lambda: algorithm1(q, k, v, drop_ratio)
-    saved = {name: saved_bytes(fn) for name, fn in cases.items()}
     grad = torch.randn_like(q)  # a dense gradient, as in training
-    times = time_rounds({name: (lambda fn=fn: fn().backward(grad)) for name, fn in cases.items()}, runs, device)
+    steps = {name: (lambda fn=fn: fn().backward(grad)) for name, fn in cases.items()}
+    first = {}
+    times = time_rounds(steps, runs, device, first)
+    saved = {name: saved_bytes(fn) for name, fn in cases.items()}
+    peak = {name: peak_bytes(step, device) if memory else None for name, step in steps.items()}
     base = times["SDPA, no dropout"]
+    tiled = _tiled_fits(q, k, v, None, (B, H)) and FLASH
     print(f"\nfwd+bwd, (B, H, N, D) = ({B}, {H}, {N}, {D}), {str(dtype)[6:]} on {device}, d = {drop_ratio}, "
-          f"{runs} rounds; mask elements: {B * H * N * N:,}")
-    print(f"{'mode':<20}{'median ms':>10}{'x SDPA':>8}{'saved MB':>10}")
+          f"{runs} rounds; mask elements: {B * H * N * N:,}; {'tiled' if tiled else 'whole-mask'} fast path")
+    print(f"{'mode':<20}{'median ms':>10}{'x SDPA':>8}{'1st call':>10}{'peak MB':>9}{'saved MB':>10}")
     for name, ts in times.items():
-        print(f"{name:<20}{median(ts):10.2f}{paired_ratio(ts, base):8.2f}{saved[name] / 2**20:10.1f}")
+        mb = "n/a" if peak[name] is None else f"{peak[name] / 2**20:.1f}"
+        print(f"{name:<20}{median(ts):10.2f}{paired_ratio(ts, base):8.2f}{first[name]:10.1f}{mb:>9}"
+              f"{saved[name] / 2**20:10.1f}")
     print(f"dropkey is {paired_ratio(times['paper Algorithm 1'], times['dropkey']):.2f}x faster than "
           f"Algorithm 1 (x: median of per-round ratios)")
 
 
 def _main():
     import argparse
-    parser = argparse.ArgumentParser(description="Time every attention-dropout mode (fwd+bwd) against SDPA.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--shapes", default="128,3,65,64;32,3,257,64;32,4,257,32",
+    parser = argparse.ArgumentParser(
+        description="Time every attention-dropout mode (fwd+bwd) against SDPA, with its peak memory "
+                    "(CPU: growth of the resident set, see peak_bytes; CUDA: torch's allocator).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--shapes", default="128,4,65,32;32,4,257,32;8,4,1025,32;1,4,4097,32",
                         help="B,H,N,D;... with N - 1 a square (the patch grid)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--runs", type=int, default=30, help="rounds: each times every row once")
+    parser.add_argument("--runs", type=int, default=20,
+                        help="rounds at N <= 257 (each times every row once); fewer for longer rows, "
+                             "down to 3 (the explicit rows take seconds there)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory column")
     args = parser.parse_args()
     try:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";") if s]
@@ -1240,8 +1290,9 @@ def _main():
     except (ValueError, AssertionError):
         parser.error("--shapes is B,H,N,D;... with N - 1 a square")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for shape in shapes:
-        _bench(*shape, args.runs, getattr(torch, args.dtype), torch.device(args.device))
+    for B, H, N, D in shapes:
+        runs = max(min(args.runs, 3), args.runs * 257**2 // max(N, 257)**2)
+        _bench(B, H, N, D, runs, getattr(torch, args.dtype), torch.device(args.device), memory=args.memory)
 
 
 if __name__ == "__main__":
