@@ -619,6 +619,36 @@ def _threshold(prob):
 
 
 WORD_CHUNK = 2**16  # 64-bit words mixed at a time: two 512 KiB buffers, reused, stay in cache
+COMPILE_FROM = 2**20  # mask elements of a call from which the word mixer is compiled (torch.compile)
+_compiled = {}        # the compiled word mixer, or None where compiling failed (then eager, the same bits)
+
+
+def _mix_words_into(out, row_keys, offsets):
+    out.copy_(mix64(row_keys[:, None] + offsets))                      # (rows, W), one fused loop when compiled
+
+
+def _word_mixer(elements):
+    """The word mixer for a mask of `elements`: compiled for large masks where a C++ compiler works, else None.
+
+    Eager, mix64 is 11 passes over the words; compiled, one (~2x faster in
+    all, the compare included). Compiling takes seconds once per process,
+    so small masks (tests, tiny models) never trigger it, and any failure
+    (no compiler) falls back to eager for good: the bits are the same.
+    """
+    if elements < COMPILE_FROM or _compiled.get("mixer", 0) is None:
+        return None
+    if "mixer" not in _compiled:
+        try:
+            mixer = torch.compile(_mix_words_into, dynamic=True)
+            keys = torch.arange(3, dtype=torch.int64)
+            probe = torch.empty(3, 2, dtype=torch.int64)
+            mixer(probe, keys, torch.arange(1, 3) * GOLDEN)            # compiles now, or raises
+            expected = torch.empty_like(probe)
+            _mix_words_into(expected, keys, torch.arange(1, 3) * GOLDEN)
+            _compiled["mixer"] = mixer if torch.equal(probe, expected) else None
+        except Exception:                                              # no compiler, or an unsupported platform
+            _compiled["mixer"] = None
+    return _compiled["mixer"]
 
 
 def counter_bits(row_keys, c0, c1, prob, out=None):
@@ -638,10 +668,14 @@ def counter_bits(row_keys, c0, c1, prob, out=None):
     words = row_keys.new_empty(min(rows, R), len(offsets))             # (rows, W)
     scratch = torch.empty_like(words)
     bits = words.new_empty(min(rows, R), C, dtype=torch.bool) if out.is_floating_point() else None
+    mixer = _word_mixer(R * C) if row_keys.device.type == "cpu" else None
     for a in range(0, R, rows):                                        # blocks of rows, never a loop over tokens
         b = min(a + rows, R)
-        w = torch.add(row_keys[a:b, None], offsets, out=words[:b - a])  # k_r + (c // 4 + 1) * GOLDEN
-        mix64(w, scratch[:b - a])
+        w = words[:b - a]
+        if mixer is not None:
+            mixer(w, row_keys[a:b], offsets)
+        else:
+            mix64(torch.add(row_keys[a:b, None], offsets, out=w), scratch[:b - a])  # k_r + (c // 4 + 1) * GOLDEN
         uniform16 = w.view(torch.int16)[:, :C]                         # little-endian: piece c % 4 of word c // 4
         if bits is None:
             torch.lt(uniform16, _threshold(prob), out=out[a:b])

@@ -1629,3 +1629,22 @@ def test_flex_attention_equals_the_explicit_path_under_the_counter_mask(masks):
     with torch.no_grad():
         out = dropkey._flex_attention(q, k, v, seed, 0.5, kw.get("attn_mask"), kw.get("is_causal", False), None)
     _assert_all_close([out], [expected])
+
+
+def test_counter_word_mixer_compiled_or_not_gives_the_same_bits(monkeypatch):
+    """The compiled mixer (large masks, where a C++ compiler works) against eager, and the fallback when compiling fails."""
+    monkeypatch.setattr(dropkey, "COMPILE_FROM", 2**62)                # compilation disabled
+    eager = dropkey.counter_keep_mask(3, (2, 3, 65, 65), "dropkey", 0.3)
+    monkeypatch.setattr(dropkey, "COMPILE_FROM", 0)
+    monkeypatch.setattr(dropkey, "_compiled", {})
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+    with monkeypatch.context() as m:
+        m.setattr(torch, "compile", no_compiler)
+        assert dropkey._word_mixer(2**30) is None                       # falls back to eager, for good
+        assert torch.equal(dropkey.counter_keep_mask(3, (2, 3, 65, 65), "dropkey", 0.3), eager)
+    monkeypatch.setattr(dropkey, "_compiled", {})
+    if dropkey._word_mixer(2**30) is None:
+        pytest.skip("torch.compile does not work here: the eager mixer is the one in use")
+    assert torch.equal(dropkey.counter_keep_mask(3, (2, 3, 65, 65), "dropkey", 0.3), eager)
