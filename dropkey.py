@@ -15,8 +15,11 @@ Reading order, which is the paper's order:
   4. `aligned_attention`, `expected_weights` -- Align Expectation at evaluation
      (Sec. 3.2, Table 4): the Monte-Carlo average over masks, or its exact limit
      c_j p_j (Eq. 3).
-  5. The fast path (last section): the same numbers from fused kernels. One
-     switch, `dropkey.FLASH`; set it to False to step through the explicit path.
+  5. The fast path (last section): the same numbers from fused kernels, with
+     masks that are a pure function of one seed (`counter_keep_mask`), so that
+     long rows are done by tiles and FlexAttention takes the mask as a
+     function. One switch, `dropkey.FLASH`; set it to False to step through
+     the explicit path.
 
 The whole idea, next to plain attention (the paper's Algorithm 1):
 
@@ -138,7 +141,8 @@ def sample_keep_mask(shape, mode="dropkey", drop_ratio=0.0, *, grid=None, prefix
         The first `prefix_tokens` keys (the class token) are not on the grid:
         each is dropped independently with probability d, as in plain DropKey.
     The all-dropped rule is *not* applied here (see `fall_back`), so that the
-    raw mask can be inspected.
+    raw mask can be inspected. With dropkey.FLASH (outside torch.compile) the
+    mask is `counter_keep_mask` of one seed drawn from `generator`.
     """
     *lead, n_keys = shape
     if _fast_sampler(device):         # one seed, then the mask as a pure function of it
@@ -250,7 +254,9 @@ def attention(query, key, value, attn_mask=None, drop_ratio=0.0, is_causal=False
         sampled mask (training only), so modes can be compared under one mask.
       grid, prefix_tokens, block_size: the patch grid (n_h, n_w) of the keys,
         the tokens before it, and s, for dropkey_block / dropkey_cross.
-      generator: a torch.Generator on the device of the tensors.
+      generator: a torch.Generator on the device of the tensors. With FLASH
+        the call's first draw from it is the seed of its mask (`draw_seed`,
+        `counter_keep_mask` give that mask back).
       return_weights: also return the weights multiplied with value (takes
         the explicit path).
     Dropping composes with attn_mask and is_causal: keys are dropped among

@@ -1648,3 +1648,16 @@ def test_counter_word_mixer_compiled_or_not_gives_the_same_bits(monkeypatch):
     if dropkey._word_mixer(2**30) is None:
         pytest.skip("torch.compile does not work here: the eager mixer is the one in use")
     assert torch.equal(dropkey.counter_keep_mask(3, (2, 3, 65, 65), "dropkey", 0.3), eager)
+
+
+@pytest.mark.parametrize("case", ["3-D", "broadcast heads"])
+def test_tiled_path_takes_3d_inputs_and_broadcast_heads(case, monkeypatch):
+    g = _gen(101)
+    shapes = {"3-D": [(2, 37, 8)] * 3, "broadcast heads": [(2, 3, 37, 8), (2, 1, 37, 8), (2, 1, 37, 8)]}[case]
+    q, k, v = (torch.randn(*s, generator=g).requires_grad_() for s in shapes)
+    lead = q.shape[:-2]
+    keep = dropkey.sample_keep_mask((*lead, 37, 37), "dropkey", 0.5, generator=_gen(102))
+    expected = _out_and_grads(_attend(q, k, v, "dropkey", 0.5, False, keep_mask=keep), (q, k, v))
+    with _path("tiled", monkeypatch):
+        _assert_all_close(_out_and_grads(dropkey.attention(q, k, v, drop_ratio=0.5, keep_mask=keep), (q, k, v)),
+                          expected)
