@@ -1327,7 +1327,8 @@ def _main():
     parser.add_argument("--runs", type=int, default=20,
                         help="rounds at N <= 257 (each times every row once); fewer for longer rows, "
                              "down to 3 (the explicit rows take seconds there)")
-    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory column")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure the peak-memory column (one more untimed call per row)")
     args = parser.parse_args()
     try:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";") if s]
