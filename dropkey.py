@@ -996,12 +996,16 @@ def _flash_rows_backward(do_i, q_i, k, v, out_i, lse_i, masks, i0, i1, scale, dq
 
 
 class _TiledAttention(torch.autograd.Function):
-    """Masked attention by tiles of TILE_Q queries x TILE_K keys, flash-attention style.
+    """Masked attention by tiles of queries x keys (TILE_ELEMENTS mask elements each), flash-attention style.
 
-    Forward: for each query tile, the key tiles with a running max and sum
-    (log-sum-exp merge); backward: every tile recomputed from q, k, v and its
-    mask made again. Nothing of size Nq x Nk is stored: for backward q, k, v,
-    out, the log-sum-exp (L, Nq) and the fall-back rows (L, Nq) bool.
+    Forward: for each query tile, its key tiles merged by their log-sum-exp
+    (SDPA's CPU flash kernel per tile, `_flash_rows`; or, without that private
+    op, an online softmax on public ops, `_forward_rows`). Backward: every
+    tile recomputed from q, k, v with its mask made again. Nothing of size
+    Nq x Nk is stored: for backward q, k, v, out, the log-sum-exp (L, Nq) and
+    the fall-back rows (L, Nq) bool, if any. Rows whose allowed keys were all
+    dropped are found after their tile's first pass (nothing kept) and run
+    again with their allowed keys (`fall_back`).
     q (L, Nq, E), k (L, Nk, E), v (L, Nk, Ev), contiguous; masks: _TileMasks.
     """
 
