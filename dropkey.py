@@ -556,7 +556,7 @@ def _fast_sampler(device):
 # generator is what FlashAttention's own dropout does (Philox, seed and offset). Against Philox-4x32
 # (10 rounds of 32-bit multiplies) it is 3 int64 ops per shift-xor and 2 multiplies, which torch
 # runs on int64 tensors as they are. The alternative, a bit-packed mask (1 bit per element) kept
-# from forward for backward, measured on an (8192, 4096) tile, one thread: packing 16 ms plus
+# from forward for backward, measured on a (2048, 4096) tile, one thread: packing 16 ms plus
 # unpacking to the float mask 19 ms, against 13.5 ms (18.6 eager) to make the float mask again
 # from the counter; so nothing is stored. Layout, for a mask of shape (..., R, C) with the
 # leading dimensions flattened to L:
