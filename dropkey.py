@@ -15,8 +15,11 @@ Reading order, which is the paper's order:
   4. `aligned_attention`, `expected_weights` -- Align Expectation at evaluation
      (Sec. 3.2, Table 4): the Monte-Carlo average over masks, or its exact limit
      c_j p_j (Eq. 3).
-  5. The fast path (last section): the same numbers from fused kernels. One
-     switch, `dropkey.FLASH`; set it to False to step through the explicit path.
+  5. The fast path (last section): the same numbers from fused kernels, with
+     masks that are a pure function of one seed (`counter_keep_mask`), so that
+     long rows are done by tiles and FlexAttention takes the mask as a
+     function. One switch, `dropkey.FLASH`; set it to False to step through
+     the explicit path.
 
 The whole idea, next to plain attention (the paper's Algorithm 1):
 
@@ -30,7 +33,6 @@ row uniform.
 """
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -71,12 +73,13 @@ def layer_drop_ratios(drop_ratio, depth, schedule="decreasing"):
 def bernoulli_mask(shape, prob, *, device=None, generator=None):
     """Boolean tensor of `shape`, each element True independently with probability `prob`.
 
-    With dropkey.FLASH on a CPU (outside torch.compile) the bits come from the
-    fast sampler of the last section: the same distribution, another random
-    stream. Either way torch.manual_seed or `generator` fixes every mask.
+    With dropkey.FLASH (outside torch.compile) the bits come from the
+    counter-based generator of the last section, seeded by one draw of
+    `generator`: the same distribution, another random stream. Either way
+    torch.manual_seed or `generator` fixes every mask.
     """
     if _fast_sampler(device):
-        return _bernoulli_bits(shape, prob, generator)
+        return _counter_bernoulli(shape, prob, draw_seed(generator, device or "cpu"))
     return torch.rand(shape, device=device, generator=generator) < prob
 
 
@@ -150,13 +153,17 @@ def key_drop_rates(mode, drop_ratio, grid, block_size=3):
     return 1 - (1 - gamma) ** covering                                # (n_h, n_w)
 
 
-def _structured_drop(lead, mode, drop_ratio, grid, block_size, device, generator):
-    """Dropped keys on the patch grid, (*lead, n_h * n_w), for DropKey-Block or -Cross (Fig. 2)."""
+def _structured_drop(lead, mode, drop_ratio, grid, block_size, device, generator, seeds=None):
+    """Dropped keys on the patch grid, (*lead, n_h * n_w), for DropKey-Block or -Cross (Fig. 2).
+
+    `seeds`: the seed grid, if already drawn (the fast path's `counter_keep_mask`).
+    """
     n_h, n_w = grid
     s = block_size
-    gamma = seed_rate(mode, drop_ratio, grid, block_size)
-    seeds = bernoulli_mask((*lead, n_h - s + 1, n_w - s + 1), gamma,
-                           device=device, generator=generator)        # (*lead, n_h-s+1, n_w-s+1)
+    if seeds is None:
+        gamma = seed_rate(mode, drop_ratio, grid, block_size)
+        seeds = bernoulli_mask((*lead, n_h - s + 1, n_w - s + 1), gamma,
+                               device=device, generator=generator)    # (*lead, n_h-s+1, n_w-s+1)
     if mode == "dropkey_block":  # each seed drops the s x s window below-right of it
         drop = _dilate(_dilate(seeds, s, -2), s, -1)                   # (*lead, n_h, n_w)
     else:                        # each seed drops s full rows and s full columns
@@ -180,9 +187,13 @@ def sample_keep_mask(shape, mode="dropkey", drop_ratio=0.0, *, grid=None, prefix
         The grid keys are not dropped at d: border keys less, centre keys
         more, the mean a little below d (`key_drop_rates`).
     The all-dropped rule is *not* applied here (see `fall_back`), so that the
-    raw mask can be inspected.
+    raw mask can be inspected. With dropkey.FLASH (outside torch.compile) the
+    mask is `counter_keep_mask` of one seed drawn from `generator`.
     """
     *lead, n_keys = shape
+    if _fast_sampler(device):         # one seed, then the mask as a pure function of it
+        return counter_keep_mask(draw_seed(generator, device or "cpu"), shape, mode, drop_ratio, grid=grid,
+                                 prefix_tokens=prefix_tokens, block_size=block_size)
     if mode not in STRUCTURED_MODES:  # each key kept with probability 1 - d
         return bernoulli_mask(shape, 1.0 - drop_ratio, device=device, generator=generator)
     _check_grid(grid, n_keys, prefix_tokens, block_size)
@@ -289,7 +300,9 @@ def attention(query, key, value, attn_mask=None, drop_ratio=0.0, is_causal=False
         sampled mask (training only), so modes can be compared under one mask.
       grid, prefix_tokens, block_size: the patch grid (n_h, n_w) of the keys,
         the tokens before it, and s, for dropkey_block / dropkey_cross.
-      generator: a torch.Generator on the device of the tensors.
+      generator: a torch.Generator on the device of the tensors. With FLASH
+        the call's first draw from it is the seed of its mask (`draw_seed`,
+        `counter_keep_mask` give that mask back).
       return_weights: also return the weights multiplied with value (takes
         the explicit path).
     Dropping composes with attn_mask and is_causal: keys are dropped among
@@ -301,16 +314,18 @@ def attention(query, key, value, attn_mask=None, drop_ratio=0.0, is_causal=False
     Nq, Nk = query.shape[-2], key.shape[-2]
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     dropping = mode != "none" and training and (keep_mask is not None or drop_ratio > 0)
+    if FLASH and not return_weights:  # the fast path draws its own mask: a seed, see `draw_seed`
+        out = _flash_attention(query, key, value, attn_mask, is_causal, scale, mode, drop_ratio if dropping else 0.0,
+                               keep_mask if dropping else None, generator,
+                               dict(grid=grid, prefix_tokens=prefix_tokens, block_size=block_size))
+        if out is not None:
+            return out
     keep = None                                                        # None: nothing dropped
     if dropping and keep_mask is None:
         keep = sample_keep_mask((*lead, Nq, Nk), mode, drop_ratio, grid=grid, prefix_tokens=prefix_tokens,
                                 block_size=block_size, device=query.device, generator=generator)
     elif dropping:
         keep = keep_mask                                               # (..., Nq, Nk), broadcastable
-    if FLASH and not return_weights:
-        out = _flash_attention(query, key, value, attn_mask, is_causal, scale, keep, mode)
-        if out is not None:
-            return out
     allowed, bias = allowed_keys(attn_mask, is_causal, Nq, Nk, query.device)  # (..., Nq, Nk) or None
     logits = (query @ key.transpose(-2, -1)) * scale                   # (..., Nq, Nk), q k^T / sqrt(E)
     if bias is not None:
@@ -683,33 +698,219 @@ MASK_CHUNK = 2**21  # mask elements sampled, or given to the CPU kernel, at a ti
 
 
 def _fast_sampler(device):
-    return FLASH and torch.device(device or "cpu").type == "cpu" and not torch.compiler.is_compiling()
+    """Whether masks come from the counter generator below: with FLASH, outside torch.compile (torch's RNG there)."""
+    return FLASH and not torch.compiler.is_compiling()
 
 
-def _bernoulli_bits(shape, prob, generator):
-    """`bernoulli_mask` on the CPU, ~7x faster than torch.rand(shape) < prob.
+# Random bits that need not be stored: every mask bit is a pure function of (seed, row, key), so
+# any tile of the mask can be made again where it is needed (backward, a fused kernel's mask_mod).
+#
+# The generator is SplitMix64 (Steele, Lea and Flood, OOPSLA 2014; java.util.SplittableRandom, the
+# seeder of xoshiro): output n of seed s is mix64(s + n * GOLDEN), mix64 being Stafford's "Mix13"
+# finaliser (two multiply-xorshift rounds). It passes BigCrush and PractRand, and a counter-based
+# generator is what FlashAttention's own dropout does (Philox, seed and offset). Against Philox-4x32
+# (10 rounds of 32-bit multiplies) it is 3 int64 ops per shift-xor and 2 multiplies, which torch
+# runs on int64 tensors as they are. The alternative, a bit-packed mask (1 bit per element) kept
+# from forward for backward, measured on a (2048, 4096) tile, one thread: packing 16 ms plus
+# unpacking to the float mask 19 ms, against 13.5 ms (18.6 eager) to make the float mask again
+# from the counter; so nothing is stored. Layout, for a mask of shape (..., R, C) with the
+# leading dimensions flattened to L:
+#   seed key    k   = mix64(seed + stream * GOLDEN)          stream 1: keys, 2: prefix, 3: grid seeds
+#   row key     k_r = mix64(k + (r + 1) * GOLDEN)             r = l * R + i, row i of leading index l
+#   word        w   = mix64(k_r + (c // 4 + 1) * GOLDEN)      four 16-bit uniforms per 64-bit word
+#   bit (r, c)  = (16-bit piece c % 4 of w, as int16) < round(prob * 65536) - 32768
+# so the probability is prob on a 1/65536 grid (error <= 7.6e-6). Limits: seeds in [0, 2^63) (what
+# Tensor.random_() draws); r + 1 and c // 4 + 1 below 2^63 (far beyond any tensor); a row repeats
+# only after 2^64 words and two rows' streams overlap with probability ~ (words per row) / 2^64.
+GOLDEN = 0x9E3779B97F4A7C15 - 2**64                                   # as a signed int64
+_MIX = ((30, 0xBF58476D1CE4E5B9 - 2**64), (27, 0x94D049BB133111EB - 2**64), (31, None))
+SEED_LIMIT = 2**63
 
-    The bits come from numpy's SFC64 (a small-state counter-mixing generator
-    that passes PractRand and BigCrush), seeded from torch's CPU generator, so
-    torch.manual_seed and `generator` still fix every mask. One 64-bit word
-    gives four 16-bit uniforms, each compared with a threshold: the
-    probability is `prob` rounded to a 1/65536 grid (error <= 7.6e-6, far
-    inside a 4-sigma bound for any sample that fits in memory). Done
-    MASK_CHUNK elements at a time, so the words stay in cache.
+
+def _int64(n):
+    """A Python integer modulo 2^64, as a signed int64."""
+    return (n + 2**63) % 2**64 - 2**63
+
+
+def mix64(x, scratch=None):
+    """SplitMix64's finaliser on an int64 tensor: x ^= x >>> 30; x *= M1; x ^= x >>> 27; x *= M2; x ^= x >>> 31.
+
+    With a `scratch` tensor like x, in place (the CPU path); without, a new
+    tensor (what FlexAttention's mask_mod needs).
     """
-    numel = math.prod(shape)
+    for shift, multiplier in _MIX:
+        low = (1 << (64 - shift)) - 1                                  # >> is arithmetic: keep 64 - shift bits
+        if scratch is None:
+            x = x ^ ((x >> shift) & low)
+            x = x if multiplier is None else x * multiplier            # wraps modulo 2^64
+            continue
+        torch.bitwise_right_shift(x, shift, out=scratch)
+        x ^= scratch.bitwise_and_(low)
+        if multiplier is not None:
+            x *= multiplier
+    return x
+
+
+def draw_seed(generator=None, device="cpu"):
+    """The seed of one mask: the next draw of `generator` (or torch's default), an int64 tensor in [0, 2^63).
+
+    Every training call with dropkey.FLASH draws exactly one, first (outside
+    torch.compile, where torch's RNG draws the mask): re-seed the generator
+    and call this to get the seed a call used, then `counter_keep_mask(seed,
+    ...)` for its mask. A tensor, so a GPU is not synced.
+    """
+    return torch.empty((), dtype=torch.int64, device=device).random_(generator=generator)
+
+
+def _seed_key(seed, stream, device):
+    if not isinstance(seed, torch.Tensor):
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+        seed = torch.tensor(seed, dtype=torch.int64)
+    elif seed.dtype != torch.int64 or seed.dim() != 0:
+        raise ValueError(f"seed must be an int64 scalar tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
+    x = seed.to(device) + _int64(stream * GOLDEN)
+    return mix64(x, torch.empty_like(x))
+
+
+def _row_keys(seed_key, rows):
+    """mix64(k + (r + 1) * GOLDEN) for the int64 tensor of row indices `rows`."""
+    x = seed_key + (rows + 1) * GOLDEN
+    return mix64(x, torch.empty_like(x))
+
+
+def _threshold(prob):
+    return round(prob * 65536) - 32768
+
+
+WORD_CHUNK = 2**16  # 64-bit words mixed at a time: two 512 KiB buffers, reused, stay in cache
+# Mask elements of a call from which the word mixer is compiled (torch.compile). Off by default:
+# compiling costs tens of seconds in every new process on a small CPU (each trainer run, each test
+# process) for a 1.2-1.4x faster mask; set e.g. dropkey.COMPILE_FROM = 2**24 for long sequences.
+COMPILE_FROM = 2**62
+_compiled = {}        # the compiled word mixer, or None where compiling failed (then eager, the same bits)
+
+
+def _mix_words_into(out, row_keys, offsets):
+    out.copy_(mix64(row_keys[:, None] + offsets))                      # (rows, W), one fused loop when compiled
+
+
+def _word_mixer(elements):
+    """The word mixer for a mask of `elements`: compiled for large masks where a C++ compiler works, else None.
+
+    Eager, mix64 is 11 passes over the words; compiled, one: the mixing ~2x
+    faster, a whole mask 1.2-1.4x (the compare stays eager). Compiling takes
+    seconds once per process,
+    so small masks (tests, tiny models) never trigger it, and any failure
+    (no compiler) falls back to eager for good: the bits are the same.
+    """
+    if elements < COMPILE_FROM or _compiled.get("mixer", 0) is None:
+        return None
+    if "mixer" not in _compiled:
+        try:
+            mixer = torch.compile(_mix_words_into, dynamic=True)
+            keys = torch.arange(3, dtype=torch.int64)
+            probe = torch.empty(3, 2, dtype=torch.int64)
+            mixer(probe, keys, torch.arange(1, 3) * GOLDEN)            # compiles now, or raises
+            expected = torch.empty_like(probe)
+            _mix_words_into(expected, keys, torch.arange(1, 3) * GOLDEN)
+            _compiled["mixer"] = mixer if torch.equal(probe, expected) else None
+        except Exception:                                              # no compiler, or an unsupported platform
+            _compiled["mixer"] = None
+    return _compiled["mixer"]
+
+
+def counter_bits(row_keys, c0, c1, prob, out=None):
+    """Bits (R, c1 - c0) of the R rows with keys `row_keys`, columns c0 .. c1 - 1 (c0 % 4 == 0).
+
+    True with probability `prob` (on a 1/65536 grid); the same bits for any
+    split into blocks of rows or columns. `out`: a bool tensor (R, c1 - c0) to
+    fill, or a float one: then the mask D of Eq. 12 is written, 0 where True
+    and -inf where False (`additive_mask`). The words are mixed WORD_CHUNK at
+    a time in reused buffers: a fresh tensor per op would be page-faulted in
+    each time and cost more than the arithmetic.
+    """
+    R, C = row_keys.shape[0], c1 - c0
+    out = torch.empty(R, C, dtype=torch.bool, device=row_keys.device) if out is None else out
+    offsets = torch.arange(c0 // 4 + 1, (c1 + 3) // 4 + 1, dtype=torch.int64, device=row_keys.device) * GOLDEN
+    rows = max(1, WORD_CHUNK // len(offsets))
+    words = row_keys.new_empty(min(rows, R), len(offsets))             # (rows, W)
+    scratch = torch.empty_like(words)
+    bits = words.new_empty(min(rows, R), C, dtype=torch.bool) if out.is_floating_point() else None
+    mixer = _word_mixer(R * C) if row_keys.device.type == "cpu" else None
+    for a in range(0, R, rows):                                        # blocks of rows, never a loop over tokens
+        b = min(a + rows, R)
+        w = words[:b - a]
+        if mixer is not None:
+            mixer(w, row_keys[a:b], offsets)
+        else:
+            mix64(torch.add(row_keys[a:b, None], offsets, out=w), scratch[:b - a])  # k_r + (c // 4 + 1) * GOLDEN
+        uniform16 = w.view(torch.int16)[:, :C]                         # little-endian: piece c % 4 of word c // 4
+        if bits is None:
+            torch.lt(uniform16, _threshold(prob), out=out[a:b])
+        else:
+            _additive_into(torch.lt(uniform16, _threshold(prob), out=bits[:b - a]), out[a:b])
+    return out
+
+
+def _check_rows(n_rows, n_cols):
+    if n_rows >= SEED_LIMIT - 1 or n_cols >= SEED_LIMIT:
+        raise ValueError(f"a counter mask of {n_rows} rows of {n_cols} bits is beyond the generator's "
+                         f"counter range (2^63 rows, 2^63 columns)")
+
+
+def _counter_bernoulli(shape, prob, seed, stream=1):
+    """A counter mask of `shape` (rows: everything but the last dimension), MASK_CHUNK elements at a time."""
+    *lead, C = shape
+    R = math.prod(lead)
+    _check_rows(R, C)
+    device = seed.device if isinstance(seed, torch.Tensor) else "cpu"
+    key = _seed_key(seed, stream, device)
     if prob <= 0 or prob >= 1:
-        return torch.full(shape, prob >= 1, dtype=torch.bool)
-    threshold = round(prob * 65536) - 32768
-    seed = torch.empty((), dtype=torch.int64).random_(generator=generator).item()
-    sfc64 = np.random.SFC64(seed)
-    mask = torch.empty(numel, dtype=torch.bool)
-    for a in range(0, numel, MASK_CHUNK):  # chunks of the flat mask, never a loop over tokens
-        b = min(a + MASK_CHUNK, numel)
-        words = torch.from_numpy(sfc64.random_raw((b - a + 3) // 4).view(np.int64))
-        uniform16 = words.view(torch.int16)[:b - a]                    # uniform on [-32768, 32767]
-        mask[a:b] = uniform16.lt_(threshold)                           # True where uniform16 < threshold
+        return torch.full(shape, prob >= 1, dtype=torch.bool, device=device)
+    mask = torch.empty(R, C, dtype=torch.bool, device=device)
+    rows = max(1, MASK_CHUNK // max(C, 1))
+    cols = C if rows > 1 else max(4, MASK_CHUNK // 4 * 4)
+    for a in range(0, R, rows):                                        # blocks of rows (or of one row)
+        keys = _row_keys(key, torch.arange(a, min(a + rows, R), device=device))
+        for c in range(0, C, cols):
+            counter_bits(keys, c, min(c + cols, C), prob, out=mask[a:a + rows, c:c + cols])
     return mask.view(shape)
+
+
+def counter_keep_mask(seed, shape, mode="dropkey", drop_ratio=0.0, *, grid=None, prefix_tokens=1, block_size=3):
+    """The keep mask that the fast path uses for `seed`: `sample_keep_mask`'s distribution, as a pure function.
+
+    seed: int in [0, 2^63) or the int64 tensor of `draw_seed` (the mask is
+    made on its device). shape (..., Nq, Nk), True = kept. dropkey,
+    dropattention, vanilla: key j of query row r kept with probability 1 - d
+    (stream 1). dropkey_block / dropkey_cross: the prefix keys dropped at d
+    (stream 2), the grid seeds at gamma (stream 3), then the windows or
+    crosses of `sample_keep_mask`. No fall-back applied (see `fall_back`).
+    """
+    _check_ratio(drop_ratio)
+    *lead, Nq, Nk = shape
+    if mode not in STRUCTURED_MODES:
+        return _counter_bernoulli(shape, 1.0 - drop_ratio, seed)
+    _check_grid(grid, Nk, prefix_tokens, block_size)
+    L = math.prod(lead)
+    _check_rows(L * Nq, Nk)
+    device = seed.device if isinstance(seed, torch.Tensor) else "cpu"
+    rows = torch.arange(L * Nq, device=device).view(L, Nq)
+    return _structured_keep(seed, rows, mode, drop_ratio, grid, prefix_tokens, block_size).view(shape)
+
+
+def _structured_keep(seed, rows, mode, drop_ratio, grid, prefix_tokens, block_size):
+    """Keep mask (*rows.shape, Nk) of DropKey-Block / -Cross for the row indices `rows` (Fig. 2)."""
+    n_h, n_w = grid
+    s = block_size
+    gamma = seed_rate(mode, drop_ratio, grid, block_size)
+    flat = rows.reshape(-1)
+    prefix_drop = counter_bits(_row_keys(_seed_key(seed, 2, rows.device), flat), 0, prefix_tokens, drop_ratio)
+    seeds = counter_bits(_row_keys(_seed_key(seed, 3, rows.device), flat), 0, (n_h - s + 1) * (n_w - s + 1), gamma)
+    grid_drop = _structured_drop([len(flat)], mode, drop_ratio, grid, block_size, None, None,
+                                 seeds=seeds.view(-1, n_h - s + 1, n_w - s + 1))
+    return ~torch.cat([prefix_drop, grid_drop], dim=-1).view(*rows.shape, -1)  # (*rows.shape, Nk)
 
 
 def additive_mask(keep, dtype):
@@ -718,9 +919,15 @@ def additive_mask(keep, dtype):
     Written as bits, ~8x faster on CPU than torch.where(keep, 0, -inf): a
     dropped key gets the bit pattern of -inf, a kept one that of +0.0.
     """
-    bits = {torch.float64: torch.int64, torch.float32: torch.int32}.get(dtype, torch.int16)
-    minus_inf = torch.tensor(float("-inf"), dtype=dtype).view(bits).item()  # 0xFF800000 for float32
-    return (~keep).to(bits).mul_(minus_inf).view(dtype)                # 0 * pattern = +0.0
+    return _additive_into(keep, torch.empty(keep.shape, dtype=dtype, device=keep.device))
+
+
+def _additive_into(keep, out):
+    """`additive_mask` written into the float tensor `out`: (keep - 1) & pattern(-inf), as integers."""
+    bits = out.view({torch.float64: torch.int64, torch.float32: torch.int32}.get(out.dtype, torch.int16))
+    minus_inf = torch.tensor(float("-inf"), dtype=out.dtype).view(bits.dtype).item()  # 0xFF800000 for float32
+    bits.copy_(keep).sub_(1).bitwise_and_(minus_inf)                  # kept: 0 & pattern = +0.0; dropped: -1 & pattern
+    return out
 
 
 def _private_op(name):
@@ -793,6 +1000,221 @@ class _FlashCPU(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+TILE_ELEMENTS = 2**21  # mask elements (L x queries x keys) of one tile of the tiled path: 8 MiB as float32
+
+
+class _TileMasks:
+    """The mask of any tile (queries i0:i1 x keys j0:j1) of (L, Nq, Nk), made when needed, never stored whole.
+
+    Kept keys come from the counter generator (`seed`) or from a given boolean
+    `keep` (broadcastable to (*lead, Nq, Nk)); they are and-ed with `allowed`
+    (bool, broadcastable) and the causal triangle. `fallback` (L, Nq), set
+    after the first forward pass, marks the rows whose allowed keys were all
+    dropped: they keep their allowed keys (`fall_back`).
+    """
+
+    def __init__(self, lead, Nq, Nk, mode, drop_ratio, seed, keep, allowed, bias, causal, structured):
+        self.lead, self.L, self.Nq, self.Nk = lead, math.prod(lead), Nq, Nk
+        self.mode, self.drop_ratio, self.seed, self.structured = mode, drop_ratio, seed, structured
+        self.keep = None if keep is None else keep.expand(*lead, Nq, Nk)
+        self.allowed = None if allowed is None else allowed.expand(*lead, Nq, Nk)
+        self.bias = None if bias is None else bias.expand(*lead, Nq, Nk)
+        self.causal, self.fallback = causal, None
+        # Whole rows of keys when TILE_ELEMENTS holds 16 of them; else 16 rows by key blocks (multiples of 4).
+        self.tile_q = max(16, TILE_ELEMENTS // (self.L * Nk))
+        self.tile_k = Nk if self.L * Nk * 16 <= TILE_ELEMENTS else max(4, TILE_ELEMENTS // (self.L * 64) * 4)
+        if seed is not None and mode not in STRUCTURED_MODES:
+            self.seed_key = _seed_key(seed, 1, seed.device)
+
+    def _slice(self, t, i0, i1, j0, j1):
+        return t[..., i0:i1, j0:j1].reshape(self.L, i1 - i0, j1 - j0)  # (L, bq, bk), a copy of one tile
+
+    def rows(self, i0, i1):
+        """Per query tile: what the tiles of these rows share (row keys, or the structured mask of whole rows)."""
+        if self.seed is None:
+            return None
+        rows = torch.arange(self.L, device=self.seed.device)[:, None] * self.Nq + torch.arange(i0, i1)  # (L, bq)
+        if self.mode in STRUCTURED_MODES:
+            return _structured_keep(self.seed, rows, self.mode, self.drop_ratio, **self.structured)  # (L, bq, Nk)
+        return _row_keys(self.seed_key, rows.view(-1))                 # (L * bq,)
+
+    def tile(self, shared, i0, i1, j0, j1):
+        """(mask, bias) of one tile: bool (L, bq, bk) or None (every key), float (L, bq, bk) or None."""
+        if self.keep is not None:
+            mask = self._slice(self.keep, i0, i1, j0, j1)
+        elif self.mode in STRUCTURED_MODES:
+            mask = shared[:, :, j0:j1]
+        else:
+            mask = counter_bits(shared, j0, j1, 1.0 - self.drop_ratio).view(self.L, i1 - i0, j1 - j0)
+        if self.fallback is not None:
+            mask |= self.fallback[:, i0:i1, None]
+        if self.allowed is not None:
+            mask &= self._slice(self.allowed, i0, i1, j0, j1)
+        if self.causal:
+            mask &= torch.arange(i0, i1)[:, None] >= torch.arange(j0, j1)  # (bq, bk): key j <= query i
+        bias = None if self.bias is None else self._slice(self.bias, i0, i1, j0, j1)
+        return mask, bias
+
+    def key_tiles(self, i0, i1):
+        """Key tiles of the query rows i0:i1; under a causal mask the tiles right of the diagonal are skipped."""
+        end = min(self.Nk, i1) if self.causal else self.Nk
+        return [(j0, min(j0 + self.tile_k, end)) for j0 in range(0, end, self.tile_k)]
+
+    def query_tiles(self):
+        return [(i0, min(i0 + self.tile_q, self.Nq)) for i0 in range(0, self.Nq, self.tile_q)]
+
+    def float_tile(self, shared, i0, i1, j0, j1, dtype):
+        """The tile as the CPU kernel's float mask (L, bq, bk): bias (or 0) where kept, -inf where not.
+
+        Written into one buffer reused by every tile (a fresh one would be page-faulted in each time);
+        the counter bits go straight to floats.
+        """
+        shape = (self.L, i1 - i0, j1 - j0)
+        if getattr(self, "buffer", None) is None or self.buffer.dtype != dtype:
+            self.buffer = torch.empty(self.L * self.tile_q * min(self.tile_k, self.Nk), dtype=dtype)
+        out = self.buffer[:math.prod(shape)].view(shape)
+        if self.keep is None and self.mode not in STRUCTURED_MODES:
+            counter_bits(shared, j0, j1, 1.0 - self.drop_ratio, out=out.view(-1, j1 - j0))
+        else:
+            _additive_into(self._slice(self.keep, i0, i1, j0, j1) if self.keep is not None
+                           else shared[:, :, j0:j1], out)
+        if self.fallback is not None:
+            out.masked_fill_(self.fallback[:, i0:i1, None], 0.0)
+        if self.allowed is not None:
+            out.masked_fill_(~self._slice(self.allowed, i0, i1, j0, j1), float("-inf"))
+        if self.causal:
+            out.masked_fill_(torch.arange(i0, i1)[:, None] < torch.arange(j0, j1), float("-inf"))
+        if self.bias is not None:
+            out += self._slice(self.bias, i0, i1, j0, j1)
+        return out
+
+
+def _scores(q_i, k, masks, shared, i0, i1, j0, j1):
+    """Scaled logits of one tile with -inf where masked, (L, bq, bk): Eq. 12 on a tile."""
+    s = torch.bmm(q_i, k[:, j0:j1].transpose(1, 2))                    # (L, bq, bk), q already scaled
+    mask, bias = masks.tile(shared, i0, i1, j0, j1)
+    if bias is not None:
+        s += bias
+    return s.masked_fill_(~mask, float("-inf"))
+
+
+def _forward_rows(q_i, k, v, masks, i0, i1):
+    """Rows i0:i1 of the output and their log-sum-exp, one key tile at a time (online softmax)."""
+    L, bq = q_i.shape[:2]
+    shared = masks.rows(i0, i1)
+    m = q_i.new_full((L, bq, 1), float("-inf"))                        # running row maximum
+    total = q_i.new_zeros(L, bq, 1)                                    # running sum of exp(s - m)
+    acc = q_i.new_zeros(L, bq, v.shape[-1])                            # running sum of exp(s - m) v
+    for j0, j1 in masks.key_tiles(i0, i1):
+        s = _scores(q_i, k, masks, shared, i0, i1, j0, j1)             # (L, bq, bk)
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)       # a row with nothing yet: exp(-inf) = 0
+        p = s.sub_(m_safe).exp_()                                      # exp(s - m), in place
+        alpha = (m - m_safe).exp_()
+        total.mul_(alpha).add_(p.sum(-1, keepdim=True))
+        acc.mul_(alpha).baddbmm_(p, v[:, j0:j1])
+        m = m_new
+    empty = total == 0                                                 # no key kept (or none allowed)
+    out = acc.div_(total.masked_fill(empty, 1.0))                     # zeros where empty
+    lse = (m + total.log()).masked_fill_(empty, float("inf"))         # exp(s - inf) = 0 in backward
+    return out, lse, empty.squeeze(-1)
+
+
+def _flash_rows(q_i, k, v, masks, i0, i1, scale):
+    """Rows i0:i1 from SDPA's CPU flash kernel, one key tile per call, merged by their log-sum-exp."""
+    shared = masks.rows(i0, i1)
+    outs, lses, kept = [], [], torch.zeros(q_i.shape[:2], dtype=torch.bool)
+    for j0, j1 in masks.key_tiles(i0, i1):
+        mask = masks.float_tile(shared, i0, i1, j0, j1, q_i.dtype)
+        o, lse = _CPU_FLASH(q_i[None], k[None, :, j0:j1], v[None, :, j0:j1], 0.0, False,
+                            attn_mask=mask[None], scale=scale)         # (1, L, bq, E), (1, L, bq)
+        any_kept = torch.ones_like(kept)
+        suspect = lse[0] == 0                                          # the kernel gives an empty row lse 0
+        if suspect.any():                                              # check only those rows
+            any_kept[suspect] = (mask[suspect] > float("-inf")).any(-1)
+        outs.append(o[0])
+        lses.append(lse[0].masked_fill(~any_kept, float("-inf")))
+        kept |= any_kept
+    lse = torch.logsumexp(torch.stack(lses), 0) if len(lses) > 1 else lses[0]  # (L, bq)
+    lse = lse.masked_fill(~kept, 0.0)                                  # empty: out 0, and p = 0 in backward
+    out = outs[0] if len(outs) == 1 else sum((l_j - lse).exp()[..., None] * o_j for o_j, l_j in zip(outs, lses))
+    return out, lse[..., None], ~kept
+
+
+def _flash_rows_backward(do_i, q_i, k, v, out_i, lse_i, masks, i0, i1, scale, dq, dk, dv):
+    """Gradients of rows i0:i1 from the kernel's backward, one key tile per call, added into dq, dk, dv."""
+    shared = masks.rows(i0, i1)
+    for j0, j1 in masks.key_tiles(i0, i1):
+        mask = masks.float_tile(shared, i0, i1, j0, j1, q_i.dtype)
+        grads = _CPU_FLASH_BACKWARD(do_i[None], q_i[None], k[None, :, j0:j1], v[None, :, j0:j1], out_i[None],
+                                    lse_i[None, ..., 0], 0.0, False, attn_mask=mask[None], scale=scale)
+        dq[:, i0:i1] += grads[0][0]                                    # with the whole row's out and lse, each
+        dk[:, j0:j1] += grads[1][0]                                    # tile's share of the gradient is exact
+        dv[:, j0:j1] += grads[2][0]
+
+
+class _TiledAttention(torch.autograd.Function):
+    """Masked attention by tiles of queries x keys (TILE_ELEMENTS mask elements each), flash-attention style.
+
+    Forward: for each query tile, its key tiles merged by their log-sum-exp
+    (SDPA's CPU flash kernel per tile, `_flash_rows`; or, without that private
+    op, an online softmax on public ops, `_forward_rows`). Backward: every
+    tile recomputed from q, k, v with its mask made again. Nothing of size
+    Nq x Nk is stored: for backward q, k, v, out, the log-sum-exp (L, Nq) and
+    the fall-back rows (L, Nq) bool, if any. Rows whose allowed keys were all
+    dropped are found after their tile's first pass (nothing kept) and run
+    again with their allowed keys (`fall_back`).
+    q (L, Nq, E), k (L, Nk, E), v (L, Nk, Ev), contiguous; masks: _TileMasks.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, masks, scale):
+        L, Nq = q.shape[:2]
+        out = q.new_empty(L, Nq, v.shape[-1])
+        lse = q.new_empty(L, Nq, 1)
+        fallback = torch.zeros(L, Nq, dtype=torch.bool)
+        kernel = _flash_rows if _tiled_kernel(q, v) else (lambda q_i, *a: _forward_rows(q_i * scale, *a[:-1]))
+        for i0, i1 in masks.query_tiles():
+            out_i, lse_i, empty = kernel(q[:, i0:i1], k, v, masks, i0, i1, scale)
+            if empty.any():                                            # rare: a row with every allowed key dropped
+                fallback[:, i0:i1] = empty
+                masks.fallback = fallback
+                out_i, lse_i, _ = kernel(q[:, i0:i1], k, v, masks, i0, i1, scale)
+            out[:, i0:i1], lse[:, i0:i1] = out_i, lse_i
+        masks.fallback = fallback if fallback.any() else None
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.masks, ctx.scale = masks, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        masks, scale = ctx.masks, ctx.scale
+        grad_out = grad_out.contiguous()
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for i0, i1 in masks.query_tiles():
+            if _tiled_kernel(q, v):
+                _flash_rows_backward(grad_out[:, i0:i1], q[:, i0:i1], k, v, out[:, i0:i1], lse[:, i0:i1],
+                                     masks, i0, i1, scale, dq, dk, dv)
+                continue
+            shared = masks.rows(i0, i1)
+            q_i, do_i, lse_i = q[:, i0:i1] * scale, grad_out[:, i0:i1], lse[:, i0:i1]
+            delta = (do_i * out[:, i0:i1]).sum(-1, keepdim=True)       # (L, bq, 1): rowsum(dO o O)
+            for j0, j1 in masks.key_tiles(i0, i1):
+                p = _scores(q_i, k, masks, shared, i0, i1, j0, j1).sub_(lse_i).exp_()  # (L, bq, bk), Eq. 14
+                dv[:, j0:j1].baddbmm_(p.transpose(1, 2), do_i)
+                ds = torch.bmm(do_i, v[:, j0:j1].transpose(1, 2)).sub_(delta).mul_(p)  # dL/ds
+                dq[:, i0:i1].baddbmm_(ds, k[:, j0:j1], alpha=scale)
+                dk[:, j0:j1].baddbmm_(ds.transpose(1, 2), q_i)
+        return dq, dk, dv, None, None
+
+
+def _tiled_kernel(q, v):
+    """Whether the tiles go to SDPA's CPU flash kernel (a private op) rather than the public-op loop above."""
+    return _CPU_FLASH is not None and _CPU_FLASH_BACKWARD is not None and q.dtype == torch.float32 \
+        and q.shape[-1] == v.shape[-1]
+
+
 def _cpu_flash_fits(q, k, v, bias):
     """Whether _FlashCPU can run these inputs: CPU eager, float32/bfloat16, (B, H, N, E) of one layout."""
     return (_CPU_FLASH is not None and _CPU_FLASH_BACKWARD is not None and q.device.type == "cpu"
@@ -802,23 +1224,125 @@ def _cpu_flash_fits(q, k, v, bias):
             and (bias is None or not bias.requires_grad))
 
 
-def _flash_attention(query, key, value, attn_mask, is_causal, scale, keep, mode):
+def _flex_mask_mod(seed, lead, Nq, drop_ratio, allowed, causal, fallback=None):
+    """FlexAttention's mask_mod of DropKey: the bit of `counter_keep_mask` at (b, h, q, kv), then the masks.
+
+    The same arithmetic as `counter_bits`, for one element: row r = b H + h
+    for (B, H, Nq, Nk) inputs, its key, the word of key kv // 4 and its
+    16-bit piece kv % 4, compared as an offset-binary number (+32768, so
+    that the signed comparison of `counter_bits` holds). Composed with the
+    boolean `allowed` (broadcast to (B, H, Nq, Nk)) and the causal triangle;
+    `fallback` (B, H, Nq) marks rows that keep every allowed key.
+    """
+    H = lead[1]
+    seed_key = _seed_key(seed, 1, seed.device)
+    limit = _threshold(1.0 - drop_ratio) + 32768
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        r = (b.long() * H + h) * Nq + q_idx
+        word = mix64(mix64(seed_key + (r + 1) * GOLDEN) + (kv_idx.long() // 4 + 1) * GOLDEN)
+        keep = (((word >> (kv_idx.long() % 4) * 16) + 32768) & 0xFFFF) < limit    # Eq. 12: kept with 1 - d
+        if fallback is not None:
+            keep = keep | fallback[b, h, q_idx]
+        if allowed is not None:
+            keep = keep & allowed[b, h, q_idx, kv_idx]
+        if causal:
+            keep = keep & (kv_idx <= q_idx)
+        return keep
+
+    return mask_mod
+
+
+def _flex_attention(query, key, value, seed, drop_ratio, attn_mask, is_causal, scale):
+    """DropKey through `torch.nn.attention.flex_attention`: the mask is a function, nothing N x N is made.
+
+    (B, H, N, E) inputs, a boolean attn_mask or none. The block mask is built
+    from the mask_mod on every call (each call has its own seed). The
+    fall-back needs to know which rows kept no key: the kernel's log-sum-exp
+    says (-inf), and only then is it run again with those rows' allowed keys
+    (a host sync on the GPU for that check). Backward recomputes the mask
+    from the same mask_mod, as FlexAttention does for any mask.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    lead, (Nq, Nk) = query.shape[:2], (query.shape[-2], key.shape[-2])
+    allowed = None if attn_mask is None else attn_mask.expand(*lead, Nq, Nk)
+
+    def run(fallback):
+        mask_mod = _flex_mask_mod(seed, lead, Nq, drop_ratio, allowed, is_causal, fallback)
+        block_mask = create_block_mask(mask_mod, lead[0], lead[1], Nq, Nk, device=query.device)
+        return flex_attention(query, key, value, block_mask=block_mask, scale=scale, return_lse=True)
+
+    out, lse = run(None)
+    empty = lse == float("-inf")                                       # (B, H, Nq): no key kept
+    if empty.any():
+        out, _ = run(empty)
+    return out
+
+
+def _flex_fits(q, k, v, attn_mask, mode):
+    """Whether the FlexAttention path runs: CUDA, (B, H, N, E) of one leading shape, a boolean mask or none."""
+    if not (q.device.type == "cuda" and mode in ("dropkey", "dropattention") and not torch.compiler.is_compiling()
+            and q.dim() == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2]
+            and (attn_mask is None or attn_mask.dtype == torch.bool)):
+        return False
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+TILED_FROM = 2**24  # mask elements (B H Nq Nk) from which CPU training takes the tiled path
+
+
+def _tiled_fits(q, k, v, attn_mask, lead):
+    """Whether _TiledAttention runs these inputs: CPU eager, float32/float64, a large mask, no bias gradient."""
+    return (q.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+            and q.dtype in (torch.float32, torch.float64) and len({q.dtype, k.dtype, v.dtype}) == 1
+            and math.prod(lead) * q.shape[-2] * k.shape[-2] >= TILED_FROM
+            and (attn_mask is None or not attn_mask.requires_grad))
+
+
+def _flash_attention(query, key, value, attn_mask, is_causal, scale, mode, drop_ratio, keep, generator, structured):
     """`attention` from fused kernels; None where they cannot give its numbers (the explicit path runs).
 
+    keep: the caller's keep_mask, or None: then, if drop_ratio > 0, the mask
+    is `counter_keep_mask` of one seed drawn here (`draw_seed`), made whole
+    for the kernels that take a mask tensor, tile by tile for the tiled path.
     No drop: SDPA itself. DropKey, its structured variants and DropAttention
-    (Eq. 1 = Eq. 14): SDPA with the allowed-and-kept keys as its mask, after
-    `fall_back`. Vanilla dropout is not a masked softmax: explicit path.
+    (Eq. 1 = Eq. 14): the allowed-and-kept keys as the kernel's mask, after
+    `fall_back`; long rows on the CPU: `_TiledAttention`. Vanilla dropout is
+    not a masked softmax: explicit path (None before any seed is drawn).
     """
     Nq, Nk = query.shape[-2], key.shape[-2]
-    if keep is None and not (attn_mask is not None and is_causal):
+    dropping = keep is not None or drop_ratio > 0
+    if not dropping and not (attn_mask is not None and is_causal):
         return F.scaled_dot_product_attention(query, key, value, attn_mask, is_causal=is_causal, scale=scale)
+    if dropping and mode == "vanilla":
+        return None
+    lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    if dropping and keep is None and not _fast_sampler(query.device):  # under torch.compile: torch's RNG
+        keep = sample_keep_mask((*lead, Nq, Nk), mode, drop_ratio, **structured, device=query.device,
+                                generator=generator)
+    seed = draw_seed(generator, query.device) if dropping and keep is None else None
+    if mode in STRUCTURED_MODES and seed is not None:
+        _check_grid(structured["grid"], Nk, structured["prefix_tokens"], structured["block_size"])
+    if dropping and _tiled_fits(query, key, value, attn_mask, lead):
+        boolean = attn_mask is not None and attn_mask.dtype == torch.bool
+        masks = _TileMasks(lead, Nq, Nk, mode, drop_ratio, seed, keep, attn_mask if boolean else None,
+                           None if boolean else attn_mask, is_causal, structured)
+        L = math.prod(lead)
+        q, k, v = (t.expand(*lead, *t.shape[-2:]).reshape(L, *t.shape[-2:]).contiguous()
+                   for t in (query, key, value))                       # (L, N, E)
+        return _TiledAttention.apply(q, k, v, masks, scale).view(*lead, Nq, value.shape[-1])
+    if seed is not None and _flex_fits(query, key, value, attn_mask, mode):
+        return _flex_attention(query, key, value, seed, drop_ratio, attn_mask, is_causal, scale)
+    if seed is not None:
+        keep = counter_keep_mask(seed, (*lead, Nq, Nk), mode, drop_ratio, **structured)  # (..., Nq, Nk)
     allowed, bias = allowed_keys(attn_mask, is_causal, Nq, Nk, query.device)
     if keep is None:                                                   # attn_mask and is_causal: SDPA takes one
         mask = allowed if bias is None else torch.where(allowed, bias, float("-inf"))
         return F.scaled_dot_product_attention(query, key, value, mask, scale=scale)
-    if mode == "vanilla":
-        return None
-    lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
     if bias is not None:
         bias = bias.expand(*lead, Nq, Nk)
     if _cpu_flash_fits(query, key, value, bias):                      # fall_back inside, only where needed
@@ -853,17 +1377,56 @@ def saved_bytes(fn):
     return sum(storages.values())
 
 
-def time_rounds(fns, runs, device):
+def peak_bytes(fn, device="cpu"):
+    """Peak memory that fn() adds, in bytes: on CUDA torch's allocator; on CPU the process's resident set.
+
+    CPU (Linux): freed heap memory is handed back (malloc_trim), the
+    high-water mark of the resident set reset (/proc/self/clear_refs), then
+    VmHWM after fn() minus VmRSS before it: every byte the process touched,
+    allocator and kernel scratch included. None where /proc is not there.
+    """
+    import ctypes
+    import re
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+
+    def status(field):
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) * 1024
+    try:
+        getattr(ctypes.CDLL(None), "malloc_trim", lambda pad: 0)(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status("VmRSS")
+    except (OSError, AttributeError):
+        return None
+    fn()
+    return status("VmHWM") - before
+
+
+def time_rounds(fns, runs, device, first=None):
     """Wall times in ms of every fn of the dict `fns`, {name: [ms per round]}, after 3 warm-ups each.
 
     Each round calls every fn once, in a fresh random order, so a drift of the
-    machine hits every row alike.
+    machine hits every row alike. `first`: a dict that gets each fn's first
+    call (ms), which may include one-time costs.
     """
     import random
     import time
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    for fn in fns.values():
-        for _ in range(3):
+    for name, fn in fns.items():
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        if first is not None:
+            first[name] = (time.perf_counter() - start) * 1e3
+        for _ in range(2):
             fn()
     times = {name: [] for name in fns}
     order = random.Random(0)
@@ -886,7 +1449,7 @@ def paired_ratio(times, base):
     return median([t / b for t, b in zip(times, base)])
 
 
-def _bench(B, H, N, D, runs, dtype, device, drop_ratio=0.3):
+def _bench(B, H, N, D, runs, dtype, device, drop_ratio=0.3, memory=True):
     side = math.isqrt(N - 1)
     q, k, v = (torch.randn(B, H, N, D, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
     cases = {"SDPA, no dropout": lambda: F.scaled_dot_product_attention(q, k, v)}
@@ -894,28 +1457,40 @@ def _bench(B, H, N, D, runs, dtype, device, drop_ratio=0.3):
         cases[mode] = lambda mode=mode: attention(q, k, v, drop_ratio=drop_ratio, mode=mode,
                                                   grid=(side, side), block_size=min(3, side))
     cases["paper Algorithm 1"] = lambda: algorithm1(q, k, v, drop_ratio)
-    saved = {name: saved_bytes(fn) for name, fn in cases.items()}
     grad = torch.randn_like(q)  # a dense gradient, as in training
-    times = time_rounds({name: (lambda fn=fn: fn().backward(grad)) for name, fn in cases.items()}, runs, device)
+    steps = {name: (lambda fn=fn: fn().backward(grad)) for name, fn in cases.items()}
+    first = {}
+    times = time_rounds(steps, runs, device, first)
+    saved = {name: saved_bytes(fn) for name, fn in cases.items()}
+    peak = {name: peak_bytes(step, device) if memory else None for name, step in steps.items()}
     base = times["SDPA, no dropout"]
+    tiled = _tiled_fits(q, k, v, None, (B, H)) and FLASH
     print(f"\nfwd+bwd, (B, H, N, D) = ({B}, {H}, {N}, {D}), {str(dtype)[6:]} on {device}, d = {drop_ratio}, "
-          f"{runs} rounds; mask elements: {B * H * N * N:,}")
-    print(f"{'mode':<20}{'median ms':>10}{'x SDPA':>8}{'saved MB':>10}")
+          f"{runs} rounds; mask elements: {B * H * N * N:,}; {'tiled' if tiled else 'whole-mask'} fast path")
+    print(f"{'mode':<20}{'median ms':>10}{'x SDPA':>8}{'1st call':>10}{'peak MB':>9}{'saved MB':>10}")
     for name, ts in times.items():
-        print(f"{name:<20}{median(ts):10.2f}{paired_ratio(ts, base):8.2f}{saved[name] / 2**20:10.1f}")
+        mb = "n/a" if peak[name] is None else f"{peak[name] / 2**20:.1f}"
+        print(f"{name:<20}{median(ts):10.2f}{paired_ratio(ts, base):8.2f}{first[name]:10.1f}{mb:>9}"
+              f"{saved[name] / 2**20:10.1f}")
     print(f"dropkey is {paired_ratio(times['paper Algorithm 1'], times['dropkey']):.2f}x faster than "
           f"Algorithm 1 (x: median of per-round ratios)")
 
 
 def _main():
     import argparse
-    parser = argparse.ArgumentParser(description="Time every attention-dropout mode (fwd+bwd) against SDPA.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--shapes", default="128,3,65,64;32,3,257,64;32,4,257,32",
+    parser = argparse.ArgumentParser(
+        description="Time every attention-dropout mode (fwd+bwd) against SDPA, with its peak memory "
+                    "(CPU: growth of the resident set, see peak_bytes; CUDA: torch's allocator).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--shapes", default="128,4,65,32;32,4,257,32;8,4,1025,32;1,4,4097,32",
                         help="B,H,N,D;... with N - 1 a square (the patch grid)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--runs", type=int, default=30, help="rounds: each times every row once")
+    parser.add_argument("--runs", type=int, default=20,
+                        help="rounds at N <= 257 (each times every row once); fewer for longer rows, "
+                             "down to 3 (the explicit rows take seconds there)")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure the peak-memory column (one more untimed call per row)")
     args = parser.parse_args()
     try:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";") if s]
@@ -923,8 +1498,9 @@ def _main():
     except (ValueError, AssertionError):
         parser.error("--shapes is B,H,N,D;... with N - 1 a square")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for shape in shapes:
-        _bench(*shape, args.runs, getattr(torch, args.dtype), torch.device(args.device))
+    for B, H, N, D in shapes:
+        runs = max(min(args.runs, 3), args.runs * 257**2 // max(N, 257)**2)
+        _bench(B, H, N, D, runs, getattr(torch, args.dtype), torch.device(args.device), memory=args.memory)
 
 
 if __name__ == "__main__":

@@ -2038,3 +2038,236 @@ def test_expected_weights_is_majorised_by_p():
         top_e = e.sort(-1, descending=True).values.cumsum(-1)
         assert (top_e <= top_p + 1e-6).all(), (N, scale, d, (top_e - top_p).max())
         assert (top_e[:, 0] < top_p[:, 0]).all()
+
+
+# ============================================================================ the fast path: counter masks, long rows, FlexAttention
+# The fast path's keep mask is a pure function of one seed (SplitMix64 of seed, row and key), drawn
+# first from the generator of each training call. Tested here: the generator against its published
+# values and a Python re-implementation, its statistics, that re-seeding gives back the mask of any
+# call, and that every path making the mask again (tiles of the CPU path, FlexAttention's mask_mod)
+# gives the explicit path's numbers under it.
+
+MASK64 = 2**64 - 1
+
+
+def _splitmix64(state, n):
+    """Output n of SplitMix64 started at `state`, written again with Python integers modulo 2^64."""
+    z = (state + n * 0x9E3779B97F4A7C15) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def _signed64(n):
+    return n - 2**64 if n >= 2**63 else n
+
+
+def test_counter_mix64_is_splitmix64_in_place_and_not():
+    assert _splitmix64(1234567, 1) == 6457827717110365317                # SplitMix64's published first outputs
+    assert _splitmix64(1234567, 2) == 3203168211198807973
+    g = np.random.default_rng(0)
+    states = [int(s) for s in g.integers(0, 2**63, 40)] + [0, 2**63 - 1]
+    x = torch.tensor([_signed64((s + 0x9E3779B97F4A7C15) & MASK64) for s in states])
+    expected = [_splitmix64(s, 1) for s in states]
+    for got in [dropkey.mix64(x.clone()), dropkey.mix64(x.clone(), torch.empty_like(x))]:
+        assert [v & MASK64 for v in got.tolist()] == expected
+
+
+def test_counter_keep_mask_is_the_documented_function_of_seed_row_and_key():
+    """Seed key, row keys, words, 16-bit pieces compared as int16: the layout in dropkey.py, element by element."""
+    seed, shape, d = 987654321, (2, 3, 5, 9), 0.3
+    keep = dropkey.counter_keep_mask(seed, shape, "dropkey", d)
+    threshold = round((1 - d) * 65536) - 32768
+    key = _splitmix64(seed, 1)                                        # stream 1
+    for r in range(2 * 3 * 5):
+        row = _splitmix64(key, r + 1)
+        for c in range(9):
+            piece = (_splitmix64(row, c // 4 + 1) >> (16 * (c % 4))) & 0xFFFF
+            assert keep.view(-1, 9)[r, c].item() == (piece - 65536 * (piece >= 32768) < threshold)
+
+
+def test_counter_mask_statistics_rate_per_position_and_independence():
+    """Tolerances: 4 sigma of the binomial for rates; for 512 positions x 200 seeds a chi-square statistic
+    within 5 of its standard deviations (sqrt(2 * 512)) of its mean 512."""
+    d = 0.3
+    counts = sum((~dropkey.counter_keep_mask(s, (1, 2, 16, 16), "dropkey", d)).double() for s in range(200))
+    chi2 = ((counts - 200 * d) ** 2 / (200 * d * (1 - d))).sum().item()
+    assert abs(chi2 - 512) < 5 * math.sqrt(2 * 512)
+    drop = ~dropkey.counter_keep_mask(7, (4, 4, 256, 256), "dropkey", d)      # 1M draws
+    assert abs(drop.double().mean().item() - d) < _four_sigma(d, drop.numel())
+    following = ~dropkey.counter_keep_mask(8, (4, 4, 256, 256), "dropkey", d)  # the next seed
+    pairs = {"keys in one word": (drop[..., 0:-1:4], drop[..., 1::4]),
+             "keys across words": (drop[..., 3:-1:4], drop[..., 4::4]),
+             "queries": (drop[..., :-1, :], drop[..., 1:, :]),
+             "heads": (drop[:, :-1], drop[:, 1:]),
+             "batch": (drop[:-1], drop[1:]),
+             "consecutive seeds": (drop, following)}
+    for name, (a, b) in pairs.items():                                # both dropped: d^2 when independent
+        assert abs((a & b).double().mean().item() - d * d) < _four_sigma(d * d, a.numel()), name
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 1.5, True])
+def test_counter_seed_outside_its_range_is_a_value_error(seed):
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\^63\)"):
+        dropkey.counter_keep_mask(seed, (2, 4), "dropkey", 0.3)
+
+
+def test_counter_rows_beyond_the_counter_range_are_a_value_error():
+    with pytest.raises(ValueError, match="counter range"):
+        dropkey.counter_keep_mask(1, (2**32, 2**31, 1, 1), "dropkey", 0.3)  # 2^63 rows, nothing allocated
+
+
+@contextlib.contextmanager
+def _path(name, monkeypatch):
+    """Force one fast path: the CPU kernel on whole masks, the tiled path (kernel or public ops), or explicit."""
+    if name.startswith("tiled"):
+        monkeypatch.setattr(dropkey, "TILED_FROM", 0)
+        monkeypatch.setattr(dropkey, "TILE_ELEMENTS", 6 * 16 * 12)   # 16 queries x 12 keys per tile: merges
+    if name == "tiled, public ops":
+        monkeypatch.setattr(dropkey, "_CPU_FLASH", None)
+    with _flash(name != "explicit"):
+        yield
+    monkeypatch.undo()
+
+
+MASK_CASES = {"none": {}, "causal": dict(is_causal=True),
+              "padding": dict(attn_mask=_padding([37, 3], 37)),
+              "bias": dict(attn_mask=torch.randn(2, 3, 37, 37, generator=_gen(90)).masked_fill(
+                  torch.arange(37) < 4, -math.inf))}
+GRID_37 = dict(grid=(6, 6), prefix_tokens=1, block_size=2)
+
+
+@pytest.mark.parametrize("path", ["kernel", "tiled", "tiled, public ops"])
+@pytest.mark.parametrize("masks", list(MASK_CASES))
+@pytest.mark.parametrize("mode", dropkey.DROPPING_MODES)
+def test_counter_a_training_call_used_the_mask_of_its_first_generator_draw(mode, masks, path, monkeypatch):
+    """Re-seed, draw_seed, counter_keep_mask: the explicit path under that mask gives the call's out and grads."""
+    q, k, v = _qkv(B=2, N=37, seed=91, grad=True)
+    with _path(path, monkeypatch):
+        out = dropkey.attention(q, k, v, drop_ratio=0.5, mode=mode, generator=_gen(92), **MASK_CASES[masks], **GRID_37)
+        result = _out_and_grads(out, (q, k, v))
+    keep = dropkey.counter_keep_mask(dropkey.draw_seed(_gen(92)), (2, 3, 37, 37), mode, 0.5, **GRID_37)
+    expected = _attend(q, k, v, mode, 0.5, False, keep_mask=keep, **MASK_CASES[masks], **GRID_37)
+    _assert_all_close(result, _out_and_grads(expected, (q, k, v)))
+
+
+def test_counter_default_generator_is_reseeded_by_torch_manual_seed(monkeypatch):
+    q, k, v = _qkv(B=1, N=37, seed=93)
+    outs = []
+    for path in ["kernel", "tiled"]:
+        with _path(path, monkeypatch):
+            torch.manual_seed(94)
+            outs.append(dropkey.attention(q, k, v, drop_ratio=0.3))
+    torch.manual_seed(94)
+    keep = dropkey.counter_keep_mask(dropkey.draw_seed(), (1, 3, 37, 37), "dropkey", 0.3)
+    for out in outs:
+        _assert_all_close([out], [_attend(q, k, v, "dropkey", 0.3, False, keep_mask=keep)])
+
+
+@pytest.mark.parametrize("path", ["tiled", "tiled, public ops"])
+@pytest.mark.parametrize("masks", list(MASK_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiled_path_equals_the_explicit_path_under_a_given_mask_with_a_fallen_back_row(dtype, masks, path,
+                                                                                       monkeypatch):
+    q, k, v = _qkv(B=2, N=37, seed=95, dtype=dtype, grad=True)
+    keep = dropkey.sample_keep_mask((2, 3, 37, 37), "dropkey", 0.5, generator=_gen(96))
+    keep[1, 2, 20] = False                                            # every key of this row dropped
+    kw = {**MASK_CASES[masks], "keep_mask": keep}
+    if masks == "bias":
+        kw["attn_mask"] = kw["attn_mask"].to(dtype)
+    expected = _out_and_grads(_attend(q, k, v, "dropkey", 0.5, False, **kw), (q, k, v))
+    with _path(path, monkeypatch):
+        _assert_all_close(_out_and_grads(dropkey.attention(q, k, v, drop_ratio=0.5, **kw), (q, k, v)), expected)
+
+
+def test_tiled_path_keeps_nothing_of_size_nq_by_nk_for_backward(monkeypatch):
+    q, k, v = _qkv(B=1, H=2, N=513, D=16, seed=97, grad=True)
+    none = dropkey.saved_bytes(lambda: F.scaled_dot_product_attention(q, k, v))
+    monkeypatch.setattr(dropkey, "TILED_FROM", 0)
+    drop = dropkey.saved_bytes(lambda: dropkey.attention(q, k, v, drop_ratio=0.3))
+    assert drop <= none + 2 * 513 * 4                                  # at most one float per row more than SDPA
+
+
+def test_tiled_path_is_taken_for_long_rows_on_the_cpu_and_not_for_short_ones():
+    long, short = torch.empty(1, 4, 4097, 32), torch.empty(32, 4, 257, 32)
+    assert dropkey._tiled_fits(long, long, long, None, (1, 4))
+    assert not dropkey._tiled_fits(short, short, short, None, (32, 4))
+    assert not dropkey._tiled_fits(long.bfloat16(), long.bfloat16(), long.bfloat16(), None, (1, 4))
+
+
+def _flex():
+    try:
+        from torch.nn.attention import flex_attention
+        return flex_attention
+    except ImportError:
+        pytest.skip("this torch has no torch.nn.attention.flex_attention")
+
+
+@pytest.mark.parametrize("masks", ["none", "padding", "causal", "padding and causal"])
+def test_flex_mask_mod_reproduces_the_counter_mask_bit_for_bit(masks):
+    flex = _flex()
+    seed = dropkey.draw_seed(_gen(98, DEVICE), DEVICE)
+    allowed = _padding([37, 3], 37).to(DEVICE).expand(2, 3, 37, 37) if "padding" in masks else None
+    fallback = torch.zeros(2, 3, 37, dtype=torch.bool, device=DEVICE)
+    fallback[1, 2, 5] = True
+    mask_mod = dropkey._flex_mask_mod(seed, (2, 3), 37, 0.4, allowed, "causal" in masks, fallback)
+    got = flex.create_mask(mask_mod, 2, 3, 37, 37, device=DEVICE)
+    expected = dropkey.counter_keep_mask(seed, (2, 3, 37, 37), "dropkey", 0.4)
+    expected[1, 2, 5] = True                                           # a fallen-back row keeps its allowed keys
+    if allowed is not None:
+        expected &= allowed
+    if "causal" in masks:
+        expected &= torch.ones(37, 37, dtype=torch.bool, device=DEVICE).tril()
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.filterwarnings("ignore")                                  # flex on the CPU warns that it is unfused
+@pytest.mark.parametrize("masks", ["none", "padding", "causal"])
+def test_flex_attention_equals_the_explicit_path_under_the_counter_mask(masks):
+    """On the CPU the forward without gradients; with DROPKEY_TEST_DEVICE=cuda training, through `attention`."""
+    _flex()
+    q, k, v = _qkv(B=2, N=37, seed=99, grad=DEVICE.type == "cuda", device=DEVICE)
+    kw = {"none": {}, "causal": dict(is_causal=True),
+          "padding": dict(attn_mask=_padding([37, 3], 37).to(DEVICE))}[masks]
+    seed = dropkey.draw_seed(_gen(100, DEVICE), DEVICE)
+    keep = dropkey.counter_keep_mask(seed, (2, 3, 37, 37), "dropkey", 0.5)
+    expected = _attend(q, k, v, "dropkey", 0.5, False, keep_mask=keep, **kw)
+    if DEVICE.type == "cuda":
+        out = _attend(q, k, v, "dropkey", 0.5, True, generator=_gen(100, DEVICE), **kw)
+        _assert_all_close(_out_and_grads(out, (q, k, v)), _out_and_grads(expected, (q, k, v)), tol=1e-4)
+        return
+    with torch.no_grad():
+        out = dropkey._flex_attention(q, k, v, seed, 0.5, kw.get("attn_mask"), kw.get("is_causal", False), None)
+    _assert_all_close([out], [expected])
+
+
+def test_counter_word_mixer_compiled_or_not_gives_the_same_bits(monkeypatch):
+    """The compiled mixer (large masks, where a C++ compiler works) against eager, and the fallback when compiling fails."""
+    monkeypatch.setattr(dropkey, "COMPILE_FROM", 2**62)                # compilation disabled
+    eager = dropkey.counter_keep_mask(3, (2, 3, 65, 65), "dropkey", 0.3)
+    monkeypatch.setattr(dropkey, "COMPILE_FROM", 0)
+    monkeypatch.setattr(dropkey, "_compiled", {})
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+    with monkeypatch.context() as m:
+        m.setattr(torch, "compile", no_compiler)
+        assert dropkey._word_mixer(2**30) is None                       # falls back to eager, for good
+        assert torch.equal(dropkey.counter_keep_mask(3, (2, 3, 65, 65), "dropkey", 0.3), eager)
+    monkeypatch.setattr(dropkey, "_compiled", {})
+    if dropkey._word_mixer(2**30) is None:
+        pytest.skip("torch.compile does not work here: the eager mixer is the one in use")
+    assert torch.equal(dropkey.counter_keep_mask(3, (2, 3, 65, 65), "dropkey", 0.3), eager)
+
+
+@pytest.mark.parametrize("case", ["3-D", "broadcast heads"])
+def test_tiled_path_takes_3d_inputs_and_broadcast_heads(case, monkeypatch):
+    g = _gen(101)
+    shapes = {"3-D": [(2, 37, 8)] * 3, "broadcast heads": [(2, 3, 37, 8), (2, 1, 37, 8), (2, 1, 37, 8)]}[case]
+    q, k, v = (torch.randn(*s, generator=g).requires_grad_() for s in shapes)
+    lead = q.shape[:-2]
+    keep = dropkey.sample_keep_mask((*lead, 37, 37), "dropkey", 0.5, generator=_gen(102))
+    expected = _out_and_grads(_attend(q, k, v, "dropkey", 0.5, False, keep_mask=keep), (q, k, v))
+    with _path("tiled", monkeypatch):
+        _assert_all_close(_out_and_grads(dropkey.attention(q, k, v, drop_ratio=0.5, keep_mask=keep), (q, k, v)),
+                          expected)
