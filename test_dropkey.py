@@ -634,7 +634,8 @@ def test_smoothing_coefficient_decreases_with_p(d):
 
 def test_expected_weights_is_p_at_d_zero_and_keeps_shape_dtype_and_no_grad():
     p = _softmax_rows(6, 9, 1.0, seed=5, dtype=torch.float32).reshape(2, 3, 9).requires_grad_(True)
-    torch.testing.assert_close(dropkey.expected_weights(p, 0.0), p.detach(), atol=1e-7, rtol=0)  # re-normalised p
+    # re-normalised p
+    torch.testing.assert_close(dropkey.expected_weights(p, 0.0), p.detach(), atol=1e-7, rtol=0)
     got = dropkey.expected_weights(p, 0.3)                          # eval only: runs under no_grad
     assert got.shape == p.shape and got.dtype == p.dtype and not got.requires_grad
     torch.testing.assert_close(got.reshape(6, 9), dropkey.expected_weights(p.detach().reshape(6, 9), 0.3))
@@ -1000,7 +1001,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--dataset", "synthetic", "--limit-train", "256", "--limit-test", "128", "--batch-size", "64",
         "--dim", "32", "--depth", "2", "--heads", "2", "--patch-size", "8", "--warmup-epochs", "0.5"]
 TWO_STAGES = ["--epochs", "2", "--finetune-epochs", "1", "--mc-samples", "2"]
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: two threads on a busy 2-core CPU can be 50x slower
+# tiny models: two threads on a busy 2-core CPU can be 50x slower
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 class _Py2Pickler(pickle._Pickler):
@@ -1152,12 +1154,12 @@ def _payloads(target):
 def test_trainer_hostile_batch_file_is_refused_before_it_runs(tmp_path, call):
     target, batch = tmp_path / "pwned", tmp_path / "data_batch_1"
     batch.write_bytes(_py2_pickle({b"data": _Payload(*_payloads(target)[call]), b"labels": []}))
-    name = call.split(".")[1]                                            # pickled as __builtin__.open, posix.system
+    name = call.split(".")[1]  # pickled as __builtin__.open, posix.system
     refused = rf"{re.escape(str(batch))} is not a valid .*refused \S*\.{name}:"
     with pytest.raises(train_cifar.DataError, match=refused):
         train_cifar.read_batch(str(batch), train_cifar.CIFAR["cifar10"])
     assert not target.exists()
-    loaded = pickle.loads(batch.read_bytes(), encoding="latin1")        # the payload is live: a plain load runs it
+    loaded = pickle.loads(batch.read_bytes(), encoding="latin1")  # the payload is live: a plain load runs it
     if call == "builtins.open":
         loaded["data"].close()
     assert target.exists()
@@ -1211,7 +1213,7 @@ def test_trainer_augment_is_a_crop_of_the_padded_image_possibly_flipped():
         flipped = any(torch.equal(out[b], c.flip(-1)) for c in crops)
         assert plain or flipped
         flips += flipped and not plain
-    assert 16 <= flips <= 48                                             # Binomial(64, 0.5): mean 32, 4 sigma = 16
+    assert 16 <= flips <= 48  # Binomial(64, 0.5): mean 32, 4 sigma = 16
 
 
 def test_trainer_lr_schedule_warms_up_decays_to_zero_then_stays_at_the_finetune_lr():
@@ -1249,7 +1251,8 @@ def test_trainer_cli_run_on_synthetic_writes_every_metric(tmp_path):
     assert rows[2]["lr"] == 1e-5 and rows[1]["test_acc"] == metrics["test_acc"]
     assert (out / "attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 3
-    assert sorted(os.listdir(out)) == [".lock", "attention.png", "checkpoint.pt", "log.jsonl", "metrics.json"]  # no .tmp
+    # no .tmp
+    assert sorted(os.listdir(out)) == [".lock", "attention.png", "checkpoint.pt", "log.jsonl", "metrics.json"]
     assert sum(line[:5].strip().isdigit() for line in run.stdout.splitlines()) == 3   # one row per epoch
 
 
@@ -1417,7 +1420,7 @@ def test_docs_every_readme_python_snippet_runs_alone_and_twice(tmp_path, monkeyp
     try:
         with _one_thread():
             for i, code in enumerate(snippets):
-                for log in re.findall(r'open\("([^"{]+/log.jsonl)"\)', code):   # a stand-in for a run it reads
+                for log in re.findall(r'open\("([^"{]+/log.jsonl)"\)', code):  # a stand-in for a run it reads
                     rows = [dict(epoch=e, train_acc=e / 10, test_acc=0.5 - abs(e - 5) / 20) for e in range(1, 11)]
                     os.makedirs(os.path.dirname(log), exist_ok=True)
                     pathlib.Path(log).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -1510,7 +1513,7 @@ def test_summarize_t_quantiles_match_the_table_and_join_the_normal_quantile():
     assert abs(train_cifar.t_975(31) - 2.0395) < 2e-4 and abs(train_cifar.t_975(120) - 1.9799) < 2e-4
     assert abs(train_cifar.t_975(10 ** 6) - 1.95997) < 1e-4               # -> z_0.975
     ts = [train_cifar.t_975(df) for df in range(1, 200)]
-    assert all(a > b for a, b in zip(ts, ts[1:]))                      # falls steadily, also across df 30 -> 31
+    assert all(a > b for a, b in zip(ts, ts[1:]))  # falls steadily, also across df 30 -> 31
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -1526,7 +1529,8 @@ def test_summarize_bad_input_is_one_error_line(tmp_path, monkeypatch, capsys, ar
                 a2=_fake_run(tmp_path / "a2", "none", 0, test_acc=0.6))
     with pytest.raises(SystemExit) as stop:
         train_cifar.main([word.format(**runs) for word in argv])
-    err = capsys.readouterr().err if stop.value.code == 2 else stop.value.code  # parser error or sys.exit(text)
+    # parser error or sys.exit(text)
+    err = capsys.readouterr().err if stop.value.code == 2 else stop.value.code
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
@@ -1537,7 +1541,7 @@ def test_label_noise_moves_exactly_that_fraction_of_training_labels_to_other_cla
     assert changed.sum() == 400 and noisy.min() >= 0 and noisy.max() <= 9
     assert torch.equal(noisy, train_cifar.noisy_labels(labels, 0.4, 10, seed=3))   # the seed fixes them
     assert not torch.equal(noisy, train_cifar.noisy_labels(labels, 0.4, 10, seed=4))
-    shift = (noisy - labels)[changed] % 10                                # uniform on 1..9: 400/9 = 44.4 each,
+    shift = (noisy - labels)[changed] % 10  # uniform on 1..9: 400/9 = 44.4 each,
     counts = torch.bincount(shift, minlength=10)                          # binomial sd 6.4; 4 sd = 26
     assert counts[0] == 0 and ((counts[1:] - 400 / 9).abs() < 26).all()
 
@@ -1564,7 +1568,7 @@ def test_label_noise_run_keeps_clean_test_labels_and_reports_train_acc_eval(tmp_
 
 SMALL = ["--dataset", "synthetic", "--limit-train", "64", "--limit-test", "32", "--batch-size", "32", "--dim", "16",
          "--depth", "1", "--heads", "2", "--patch-size", "8", "--warmup-epochs", "0", "--progress", "off",
-         "--epochs", "2", "--finetune-epochs", "1"]                    # 2 steps per epoch, 3 epochs, 9 commits
+         "--epochs", "2", "--finetune-epochs", "1"]  # 2 steps per epoch, 3 epochs, 9 commits
 
 
 class _Killed(BaseException):
@@ -1627,7 +1631,8 @@ def _assert_same_final_folder(out, reference):
 
 
 @pytest.mark.parametrize("fault", ["kill", "ctrl-c"])
-@pytest.mark.parametrize("k", range(1, 10))  # each of the 9 commits (3 epochs x 3 files), killed just before it
+# each of the 9 commits (3 epochs x 3 files), killed just before it
+@pytest.mark.parametrize("k", range(1, 10))
 def test_run_folder_killed_at_any_commit_is_consistent_and_resumes_to_the_uninterrupted_folder(
         small_run, tmp_path, monkeypatch, k, fault):
     out = tmp_path / "run"
@@ -1641,7 +1646,7 @@ def test_run_folder_killed_at_any_commit_is_consistent_and_resumes_to_the_uninte
     assert epoch == (k + 1) // 3                                         # the checkpoint is the commit
     assert epoch - 1 <= len(log) <= epoch                                # log and metrics: never ahead of it,
     assert (metrics["epochs_done"] if metrics else 0) in (len(log), len(log) - 1)   # at most one epoch behind
-    assert not (metrics and metrics["finished"]) or epoch == 3           # finished: true only when all is final
+    assert not (metrics and metrics["finished"]) or epoch == 3  # finished: true only when all is final
     if fault == "ctrl-c":                                                # the hint only where it can work
         assert message == "interrupted" + (f"; continue with: python train_cifar.py --resume {out}" if epoch else "")
     if epoch == 0:                                                       # nothing committed: start again
@@ -1675,7 +1680,7 @@ def test_run_folder_divergence_stops_with_one_line_and_keeps_the_last_finite_che
     what = "the loss is nan" if target == "loss" else "its update made a weight non-finite"
     assert message == (f"error: training diverged in epoch 2, step 2 of 2: {what}; {out} keeps the checkpoint "
                        f"of epoch 1, the last finite one; try a smaller --lr (this run: 0.001)")
-    checkpoint, log, metrics, names = _folder(out)                      # strict JSON parsers accept every file
+    checkpoint, log, metrics, names = _folder(out)  # strict JSON parsers accept every file
     assert checkpoint["epoch"] == 1 and len(log) == 1 and metrics["epochs_done"] == 1 and not metrics["finished"]
     assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
     assert names == [".lock", "checkpoint.pt", "log.jsonl", "metrics.json"]
@@ -1715,7 +1720,7 @@ def test_run_folder_damaged_checkpoint_is_refused_with_one_line(small_run, tmp_p
     if damage == "one weight":
         _rewrite(path, lambda c: c["model"]["head.bias"].__setitem__(0, 0.5))
         expected = f"error: {path} does not match its checksum"
-    elif damage == "64 flipped bytes":                                   # in the tensor data, the bulk of the file
+    elif damage == "64 flipped bytes":  # in the tensor data, the bulk of the file
         raw = bytearray(path.read_bytes())
         for i in np.random.default_rng(0).choice(np.arange(len(raw) // 4, 3 * len(raw) // 4), 64, replace=False):
             raw[i] ^= 0xFF
@@ -1737,18 +1742,19 @@ def test_run_folder_has_one_writer_and_a_stale_lock_does_not_block(small_run, tm
     out = tmp_path / "run"
     shutil.copytree(small_run, out)
     before = (out / "checkpoint.pt").read_bytes()
-    with open(out / ".lock", "a") as other:                              # another process's lock, as flock sees it
+    with open(out / ".lock", "a") as other:  # another process's lock, as flock sees it
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         message = f"error: {out} is in use by another train_cifar.py process; wait for it to end, or choose another --out"
         assert _run(["--resume", str(out)]) == message                   # resume of a live run
         assert _run(SMALL + ["--out", str(out)]) == message              # a second writer
         assert (out / "checkpoint.pt").read_bytes() == before
-    assert _run(["--resume", str(out)]) is None                          # released: the file alone blocks nothing
+    assert _run(["--resume", str(out)]) is None  # released: the file alone blocks nothing
 
 
 def test_run_folder_full_disk_is_one_line_removes_its_partial_file_and_resume_finishes(small_run, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    _fail_at(monkeypatch, "fsync", 4, OSError(errno.ENOSPC, "No space left on device"))  # epoch 2's checkpoint
+    # epoch 2's checkpoint
+    _fail_at(monkeypatch, "fsync", 4, OSError(errno.ENOSPC, "No space left on device"))
     message = _run(SMALL + ["--out", str(out)])
     assert message == (f"error: could not write {out / 'checkpoint.pt'} (No space left on device); the run folder "
                        f"keeps its last complete epoch: free some space or make it writable, then continue with --resume")
@@ -1788,9 +1794,10 @@ def test_run_folder_batch_files_without_images_are_one_line(tmp_path):
 
 
 def test_run_folder_resume_refuses_an_explicit_flag_equal_to_its_default(small_run, capsys):
-    assert _run(["--resume", str(small_run), "--epochs", "100"]) == 2    # 100 is the default, 2 the saved value
+    assert _run(["--resume", str(small_run), "--epochs", "100"]) == 2  # 100 is the default, 2 the saved value
     assert "drop --epochs (saved: 2)" in capsys.readouterr().err
-    assert _run(["--resume", str(small_run), "--epochs", "2", "--progress", "off"]) is None   # as saved: accepted
+    # as saved: accepted
+    assert _run(["--resume", str(small_run), "--epochs", "2", "--progress", "off"]) is None
 
 
 def test_run_folder_checkpoint_saves_the_resolved_device(small_run):
@@ -1807,7 +1814,7 @@ def test_run_folder_resume_on_another_device_restores_what_it_can_and_says_so(sm
     checkpoint.pop("sha256")
     checkpoint.update(epoch=2, step=4, history=checkpoint["history"][:2])
     checkpoint["config"]["device"] = "cuda"
-    checkpoint["rng"]["data"] = torch.zeros(16, dtype=torch.uint8)      # a CUDA generator's state: seed, offset
+    checkpoint["rng"]["data"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state: seed, offset
     checkpoint["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)
     torch.save(dict(checkpoint, sha256=train_cifar.checksum(checkpoint)), path)
     if not torch.cuda.is_available():
@@ -1875,7 +1882,7 @@ def test_run_folder_download_continues_a_part_file_where_the_server_allows(tmp_p
     assert path.read_bytes() == _Server.blob and os.listdir(tmp_path) == [path.name]
     assert handler.seen == ["bytes=40000-"]                              # asked; a 200 answer starts over
     err = capsys.readouterr().err
-    assert "continuing after 40000 bytes" in err and "100%" in err and "B/s" in err   # the bar: bytes and rate
+    assert "continuing after 40000 bytes" in err and "100%" in err and "B/s" in err  # the bar: bytes and rate
 
 
 def test_run_folder_download_has_an_overall_deadline(tmp_path, monkeypatch):
@@ -1886,7 +1893,8 @@ def test_run_folder_download_has_an_overall_deadline(tmp_path, monkeypatch):
         with pytest.raises(train_cifar.DataError, match=r"could not download .*not complete after 0.5 s\); run again"):
             train_cifar.download(url, str(path))
     assert time.monotonic() - start < 5
-    assert 0 < (tmp_path / "cifar-10-python.tar.gz.part").stat().st_size < len(_Server.blob)  # kept to continue
+    # kept to continue
+    assert 0 < (tmp_path / "cifar-10-python.tar.gz.part").stat().st_size < len(_Server.blob)
 
 
 def test_run_folder_other_file_system_faults_are_one_line_before_any_data_is_read(tmp_path, monkeypatch):
@@ -2063,7 +2071,7 @@ def _signed64(n):
 
 
 def test_counter_mix64_is_splitmix64_in_place_and_not():
-    assert _splitmix64(1234567, 1) == 6457827717110365317                # SplitMix64's published first outputs
+    assert _splitmix64(1234567, 1) == 6457827717110365317  # SplitMix64's published first outputs
     assert _splitmix64(1234567, 2) == 3203168211198807973
     g = np.random.default_rng(0)
     states = [int(s) for s in g.integers(0, 2**63, 40)] + [0, 2**63 - 1]
@@ -2185,7 +2193,7 @@ def test_tiled_path_keeps_nothing_of_size_nq_by_nk_for_backward(monkeypatch):
     none = dropkey.saved_bytes(lambda: F.scaled_dot_product_attention(q, k, v))
     monkeypatch.setattr(dropkey, "TILED_FROM", 0)
     drop = dropkey.saved_bytes(lambda: dropkey.attention(q, k, v, drop_ratio=0.3))
-    assert drop <= none + 2 * 513 * 4                                  # at most one float per row more than SDPA
+    assert drop <= none + 2 * 513 * 4  # at most one float per row more than SDPA
 
 
 def test_tiled_path_is_taken_for_long_rows_on_the_cpu_and_not_for_short_ones():
@@ -2213,7 +2221,7 @@ def test_flex_mask_mod_reproduces_the_counter_mask_bit_for_bit(masks):
     mask_mod = dropkey._flex_mask_mod(seed, (2, 3), 37, 0.4, allowed, "causal" in masks, fallback)
     got = flex.create_mask(mask_mod, 2, 3, 37, 37, device=DEVICE)
     expected = dropkey.counter_keep_mask(seed, (2, 3, 37, 37), "dropkey", 0.4)
-    expected[1, 2, 5] = True                                           # a fallen-back row keeps its allowed keys
+    expected[1, 2, 5] = True  # a fallen-back row keeps its allowed keys
     if allowed is not None:
         expected &= allowed
     if "causal" in masks:
@@ -2221,7 +2229,7 @@ def test_flex_mask_mod_reproduces_the_counter_mask_bit_for_bit(masks):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.filterwarnings("ignore")                                  # flex on the CPU warns that it is unfused
+@pytest.mark.filterwarnings("ignore")  # flex on the CPU warns that it is unfused
 @pytest.mark.parametrize("masks", ["none", "padding", "causal"])
 def test_flex_attention_equals_the_explicit_path_under_the_counter_mask(masks):
     """On the CPU the forward without gradients; with DROPKEY_TEST_DEVICE=cuda training, through `attention`."""
