@@ -237,7 +237,6 @@ def test_fig_2_structured_modes_drop_the_class_token_key_independently_at_rate_d
     assert abs(cls[grid_any].float().mean().item() - 0.3) < _four_sigma(0.3, int(grid_any.sum()))
 
 
-
 # ============================================================================ Eq. 1, 12-14: the attention op
 
 @pytest.mark.parametrize("mode", ["dropattention", "dropkey", "dropkey_block", "dropkey_cross"])
@@ -1058,17 +1057,22 @@ def _channel_major(data):
 
 
 def _cfg(dataset, data_dir):
-    return argparse.Namespace(dataset=dataset, data_dir=str(data_dir), limit_train=None, limit_test=None, seed=0)
+    return argparse.Namespace(
+        dataset=dataset, data_dir=str(data_dir), limit_train=None, limit_test=None, seed=0
+    )
 
 
 def _tarball(tmp_path, name):
-    """data/ holding only the tarball of a small real-format CIFAR folder; returns (data_dir, tarball, written)."""
+    """data/ with only the tarball of a small real-format CIFAR folder: (data_dir, tarball, written)."""
     written = _write_cifar(tmp_path / "staging", name)
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     tarball = data_dir / os.path.basename(train_cifar.CIFAR[name]["url"])
     with tarfile.open(tarball, "w:gz") as tar:
-        tar.add(tmp_path / "staging" / train_cifar.CIFAR[name]["folder"], arcname=train_cifar.CIFAR[name]["folder"])
+        tar.add(
+            tmp_path / "staging" / train_cifar.CIFAR[name]["folder"],
+            arcname=train_cifar.CIFAR[name]["folder"],
+        )
     return data_dir, tarball, written
 
 
@@ -1133,7 +1137,9 @@ def test_trainer_corrupt_batch_file_exits_with_one_error_line(tmp_path):
                           "--warmup-epochs", "0", "--out", str(tmp_path / "run")],
                          cwd=HERE, env=ONE_THREAD, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "Traceback" not in run.stderr
-    assert run.stderr.count("\n") == 1 and run.stderr.startswith(f"error: {batch} is not a valid CIFAR batch file")
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith(
+        f"error: {batch} is not a valid CIFAR batch file"
+    )
 
 
 class _Payload:
@@ -1147,7 +1153,10 @@ class _Payload:
 
 
 def _payloads(target):
-    return {"builtins.open": (builtins.open, (str(target), "w")), "os.system": (os.system, (f"touch {target}",))}
+    return {
+        "builtins.open": (builtins.open, (str(target), "w")),
+        "os.system": (os.system, (f"touch {target}",)),
+    }
 
 
 @pytest.mark.parametrize("call", ["builtins.open", "os.system"])
@@ -1179,7 +1188,9 @@ def test_trainer_hostile_checkpoint_is_refused_before_it_runs(tmp_path, capsys):
 def test_trainer_synthetic_needs_spatial_structure_not_the_mean_colour():
     """Least squares on the mean colour stays at chance (10% + 4 sigma = 12.7% on 2000 test images);
     the same fit on the power spectrum, which sees the texture, is far above it."""
-    (x_train, y_train), (x_test, y_test) = train_cifar.synthetic(3000, 0, "train"), train_cifar.synthetic(2000, 0, "test")
+    (x_train, y_train), (x_test, y_test) = train_cifar.synthetic(3000, 0, "train"), train_cifar.synthetic(
+        2000, 0, "test"
+    )
 
     def accuracy(feature):
         a, b = feature(x_train), feature(x_test)
@@ -1234,8 +1245,23 @@ def test_trainer_weight_decay_only_on_tensors_with_two_or_more_dims():
 
 def test_trainer_cli_run_on_synthetic_writes_every_metric(tmp_path):
     out = tmp_path / "run"
-    run = subprocess.run([sys.executable, "train_cifar.py", *TINY, *TWO_STAGES, "--occlusion", "--attention-map",
-                          "--out", str(out)], cwd=HERE, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "train_cifar.py",
+            *TINY,
+            *TWO_STAGES,
+            "--occlusion",
+            "--attention-map",
+            "--out",
+            str(out),
+        ],
+        cwd=HERE,
+        env=ONE_THREAD,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("test_acc", "test_acc_finetuned", "test_acc_mc"):
@@ -1270,11 +1296,15 @@ def _without_timing(run):
         del metrics[key]
     del metrics["config"]["out"]
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    return metrics, [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s", "eval_s")} for r in rows]
+    return metrics, [
+        {k: v for k, v in r.items() if k not in ("time_s", "images_per_s", "eval_s")} for r in rows
+    ]
 
 
 @pytest.mark.parametrize("stop_at", [1, 2])  # in the second training epoch, in the fine-tune epoch
-def test_trainer_resume_ends_bit_identical_to_an_uninterrupted_run(uninterrupted_run, tmp_path, monkeypatch, stop_at):
+def test_trainer_resume_ends_bit_identical_to_an_uninterrupted_run(
+    uninterrupted_run, tmp_path, monkeypatch, stop_at
+):
     out, real = tmp_path / "run", train_cifar.train_one_epoch
 
     def interrupted(model, optimizer, data, cfg, epoch, *rest):
@@ -1283,14 +1313,18 @@ def test_trainer_resume_ends_bit_identical_to_an_uninterrupted_run(uninterrupted
         return real(model, optimizer, data, cfg, epoch, *rest)
 
     monkeypatch.setattr(train_cifar, "train_one_epoch", interrupted)
-    with _one_thread(), pytest.raises(SystemExit, match=f"continue with: python train_cifar.py --resume {out}"):
+    with _one_thread(), pytest.raises(
+        SystemExit, match=f"continue with: python train_cifar.py --resume {out}"
+    ):
         train_cifar.main(TINY + TWO_STAGES + ["--out", str(out)])
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == stop_at
     monkeypatch.undo()
     with _one_thread():
         train_cifar.main(["--resume", str(out)])
     assert _without_timing(out) == _without_timing(uninterrupted_run)
-    resumed, whole = (torch.load(run / "checkpoint.pt", weights_only=True) for run in (out, uninterrupted_run))
+    resumed, whole = (
+        torch.load(run / "checkpoint.pt", weights_only=True) for run in (out, uninterrupted_run)
+    )
     for name, tensor in whole["model"].items():
         assert torch.equal(resumed["model"][name], tensor), name
     for index, state in whole["optimizer"]["state"].items():
@@ -1421,7 +1455,9 @@ def test_docs_every_readme_python_snippet_runs_alone_and_twice(tmp_path, monkeyp
         with _one_thread():
             for i, code in enumerate(snippets):
                 for log in re.findall(r'open\("([^"{]+/log.jsonl)"\)', code):  # a stand-in for a run it reads
-                    rows = [dict(epoch=e, train_acc=e / 10, test_acc=0.5 - abs(e - 5) / 20) for e in range(1, 11)]
+                    rows = [
+                        dict(epoch=e, train_acc=e / 10, test_acc=0.5 - abs(e - 5) / 20) for e in range(1, 11)
+                    ]
                     os.makedirs(os.path.dirname(log), exist_ok=True)
                     pathlib.Path(log).write_text("".join(json.dumps(r) + "\n" for r in rows))
                 for _ in range(2):
@@ -1465,7 +1501,7 @@ def test_theory_notebook_runs_with_every_assert_passing():
     client.execute()  # raises CellExecutionError with the failing cell and its traceback
 
 
-# ============================================================================ over-fitting study: --label-noise, --summarize
+# ============================================================================ over-fitting study: --summarize
 
 def _fake_run(folder, mode, seed, finished=True, **metrics):
     """A run folder with only what --summarize reads: metrics.json with a config, `finished` and metrics."""
@@ -1476,12 +1512,16 @@ def _fake_run(folder, mode, seed, finished=True, **metrics):
 
 
 def test_summarize_prints_mean_sd_and_seed_paired_differences_exactly(tmp_path, capsys):
-    """Numbers worked by hand. dropkey - none per seed: test_acc 0.1, 0.0, 0.2 (mean 0.1, sd 0.1, t_975(2) = 4.303,
-    half-width 4.303 * 0.1 / sqrt(3) = 0.2484; the zero counts against: 2 of 3); occlusion 0.1, 0.2, 0.3; gap -0.2, -0.1, -0.3."""
+    """Numbers worked by hand. dropkey - none per seed: test_acc 0.1, 0.0, 0.2 (mean 0.1, sd 0.1,
+    t_975(2) = 4.303, half-width 4.303 * 0.1 / sqrt(3) = 0.2484; the zero counts against: 2 of 3);
+    occlusion 0.1, 0.2, 0.3; gap -0.2, -0.1, -0.3.
+    """
     folders = [_fake_run(tmp_path / f"none-{s}", "none", s, test_acc=a, train_acc=0.9, occlusion={"0.5": 0.3})
                for s, a in enumerate((0.5, 0.6, 0.7))]
-    folders += [_fake_run(tmp_path / f"dropkey-{s}", "dropkey", s, test_acc=a, train_acc=0.8, occlusion={"0.5": o})
-                for s, a, o in ((0, 0.6, 0.4), (1, 0.6, 0.5), (2, 0.9, 0.6))]
+    folders += [
+        _fake_run(tmp_path / f"dropkey-{s}", "dropkey", s, test_acc=a, train_acc=0.8, occlusion={"0.5": o})
+        for s, a, o in ((0, 0.6, 0.4), (1, 0.6, 0.5), (2, 0.9, 0.6))
+    ]
     folders += [_fake_run(tmp_path / "vanilla-5", "vanilla", 5, test_acc=0.5, train_acc=0.5),
                 _fake_run(tmp_path / "none-9", "none", 9, finished=False, test_acc=0.0)]
     train_cifar.main(["--summarize", *folders, "--baseline", "mode=none"])
@@ -1525,8 +1565,11 @@ def test_summarize_t_quantiles_match_the_table_and_join_the_normal_quantile():
 ])
 def test_summarize_bad_input_is_one_error_line(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
-    runs = dict(a=_fake_run(tmp_path / "a", "none", 0, test_acc=0.5), b=_fake_run(tmp_path / "b", "dropkey", 0),
-                a2=_fake_run(tmp_path / "a2", "none", 0, test_acc=0.6))
+    runs = dict(
+        a=_fake_run(tmp_path / "a", "none", 0, test_acc=0.5),
+        b=_fake_run(tmp_path / "b", "dropkey", 0),
+        a2=_fake_run(tmp_path / "a2", "none", 0, test_acc=0.6),
+    )
     with pytest.raises(SystemExit) as stop:
         train_cifar.main([word.format(**runs) for word in argv])
     # parser error or sys.exit(text)
@@ -1552,7 +1595,9 @@ def test_label_noise_run_keeps_clean_test_labels_and_reports_train_acc_eval(tmp_
     cfg = argparse.Namespace(dataset="synthetic", limit_train=256, limit_test=128, label_noise=0.25, seed=0)
     data, clean = train_cifar.load_data(cfg, torch.device("cpu")), train_cifar.load_data(
         argparse.Namespace(**{**vars(cfg), "label_noise": 0.0}), torch.device("cpu"))
-    assert (data["train"][1] != clean["train"][1]).sum() == 64 and torch.equal(data["test"][1], clean["test"][1])
+    assert (data["train"][1] != clean["train"][1]).sum() == 64 and torch.equal(
+        data["test"][1], clean["test"][1]
+    )
     with _one_thread():
         train_cifar.main(TINY + ["--epochs", "1", "--label-noise", "0.25", "--out", str(tmp_path / "run")])
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -1566,9 +1611,32 @@ def test_label_noise_run_keeps_clean_test_labels_and_reports_train_acc_eval(tmp_
 # Crash consistency, divergence, checksum, one writer, one-line faults, download, resume (train_cifar.py).
 # Crashes and faults are injected by wrapping the file-commit calls (os.replace, os.fsync) or with mocks.
 
-SMALL = ["--dataset", "synthetic", "--limit-train", "64", "--limit-test", "32", "--batch-size", "32", "--dim", "16",
-         "--depth", "1", "--heads", "2", "--patch-size", "8", "--warmup-epochs", "0", "--progress", "off",
-         "--epochs", "2", "--finetune-epochs", "1"]  # 2 steps per epoch, 3 epochs, 9 commits
+SMALL = [
+    "--dataset",
+    "synthetic",
+    "--limit-train",
+    "64",
+    "--limit-test",
+    "32",
+    "--batch-size",
+    "32",
+    "--dim",
+    "16",
+    "--depth",
+    "1",
+    "--heads",
+    "2",
+    "--patch-size",
+    "8",
+    "--warmup-epochs",
+    "0",
+    "--progress",
+    "off",
+    "--epochs",
+    "2",
+    "--finetune-epochs",
+    "1",
+]  # 2 steps per epoch, 3 epochs, 9 commits
 
 
 class _Killed(BaseException):
@@ -1583,7 +1651,9 @@ def _strict_json(text):
 
 def _folder(out):
     """The run folder as a reader sees it: checkpoint epoch, log rows, metrics (strict JSON), file names."""
-    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True) if (out / "checkpoint.pt").exists() else None
+    checkpoint = (
+        torch.load(out / "checkpoint.pt", weights_only=True) if (out / "checkpoint.pt").exists() else None
+    )
     log = [_strict_json(line) for line in (out / "log.jsonl").read_text().splitlines()] \
         if (out / "log.jsonl").exists() else []
     metrics = _strict_json((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else None
@@ -1648,7 +1718,9 @@ def test_run_folder_killed_at_any_commit_is_consistent_and_resumes_to_the_uninte
     assert (metrics["epochs_done"] if metrics else 0) in (len(log), len(log) - 1)   # at most one epoch behind
     assert not (metrics and metrics["finished"]) or epoch == 3  # finished: true only when all is final
     if fault == "ctrl-c":                                                # the hint only where it can work
-        assert message == "interrupted" + (f"; continue with: python train_cifar.py --resume {out}" if epoch else "")
+        assert message == "interrupted" + (
+            f"; continue with: python train_cifar.py --resume {out}" if epoch else ""
+        )
     if epoch == 0:                                                       # nothing committed: start again
         assert _run(SMALL + ["--out", str(out)]) is None
     else:
@@ -1660,7 +1732,9 @@ def test_run_folder_killed_at_any_commit_is_consistent_and_resumes_to_the_uninte
 def test_run_folder_resume_repairs_the_results_of_a_finished_checkpoint(small_run, tmp_path, capsys):
     out = tmp_path / "run"
     _run(SMALL + ["--out", str(out)])
-    (out / "metrics.json").write_text((small_run / "metrics.json").read_text().replace('"finished": true', '"finished": false'))
+    (out / "metrics.json").write_text(
+        (small_run / "metrics.json").read_text().replace('"finished": true', '"finished": false')
+    )
     (out / "log.jsonl").write_text("".join((small_run / "log.jsonl").read_text().splitlines(True)[:2]))
     (out / "metrics.json.tmp").write_text("{")
     (out / "checkpoint.pt.tmp").write_bytes(b"PK")                         # stray: no epoch writes it again
@@ -1670,18 +1744,26 @@ def test_run_folder_resume_repairs_the_results_of_a_finished_checkpoint(small_ru
 
 
 @pytest.mark.parametrize("target", ["loss", "weight"])
-def test_run_folder_divergence_stops_with_one_line_and_keeps_the_last_finite_checkpoint(tmp_path, monkeypatch, target):
+def test_run_folder_divergence_stops_with_one_line_and_keeps_the_last_finite_checkpoint(
+    tmp_path, monkeypatch, target
+):
     """An lr of inf at run step 2 (epoch 2's first) makes every weight non-finite: for `loss` epoch 2's second
     step sees a nan loss; for `weight` it is the epoch's last update, and the weight check finds it."""
     out, real = tmp_path / "run", train_cifar.get_lr
     bad_step = 2 if target == "loss" else 3
-    monkeypatch.setattr(train_cifar, "get_lr", lambda step, *a: math.inf if step == bad_step else real(step, *a))
+    monkeypatch.setattr(
+        train_cifar, "get_lr", lambda step, *a: math.inf if step == bad_step else real(step, *a)
+    )
     message = _run(SMALL + ["--out", str(out)])
     what = "the loss is nan" if target == "loss" else "its update made a weight non-finite"
-    assert message == (f"error: training diverged in epoch 2, step 2 of 2: {what}; {out} keeps the checkpoint "
-                       f"of epoch 1, the last finite one; try a smaller --lr (this run: 0.001)")
+    assert message == (
+        f"error: training diverged in epoch 2, step 2 of 2: {what}; {out} keeps the checkpoint "
+        f"of epoch 1, the last finite one; try a smaller --lr (this run: 0.001)"
+    )
     checkpoint, log, metrics, names = _folder(out)  # strict JSON parsers accept every file
-    assert checkpoint["epoch"] == 1 and len(log) == 1 and metrics["epochs_done"] == 1 and not metrics["finished"]
+    assert (
+        checkpoint["epoch"] == 1 and len(log) == 1 and metrics["epochs_done"] == 1 and not metrics["finished"]
+    )
     assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
     assert names == [".lock", "checkpoint.pt", "log.jsonl", "metrics.json"]
 
@@ -1722,7 +1804,9 @@ def test_run_folder_damaged_checkpoint_is_refused_with_one_line(small_run, tmp_p
         expected = f"error: {path} does not match its checksum"
     elif damage == "64 flipped bytes":  # in the tensor data, the bulk of the file
         raw = bytearray(path.read_bytes())
-        for i in np.random.default_rng(0).choice(np.arange(len(raw) // 4, 3 * len(raw) // 4), 64, replace=False):
+        for i in np.random.default_rng(0).choice(
+            np.arange(len(raw) // 4, 3 * len(raw) // 4), 64, replace=False
+        ):
             raw[i] ^= 0xFF
         path.write_bytes(bytes(raw))
         expected = f"error: {path} does not match its checksum"
@@ -1744,20 +1828,25 @@ def test_run_folder_has_one_writer_and_a_stale_lock_does_not_block(small_run, tm
     before = (out / "checkpoint.pt").read_bytes()
     with open(out / ".lock", "a") as other:  # another process's lock, as flock sees it
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        message = f"error: {out} is in use by another train_cifar.py process; wait for it to end, or choose another --out"
+        message = (f"error: {out} is in use by another train_cifar.py process; "
+                   f"wait for it to end, or choose another --out")
         assert _run(["--resume", str(out)]) == message                   # resume of a live run
         assert _run(SMALL + ["--out", str(out)]) == message              # a second writer
         assert (out / "checkpoint.pt").read_bytes() == before
     assert _run(["--resume", str(out)]) is None  # released: the file alone blocks nothing
 
 
-def test_run_folder_full_disk_is_one_line_removes_its_partial_file_and_resume_finishes(small_run, tmp_path, monkeypatch):
+def test_run_folder_full_disk_is_one_line_removes_its_partial_file_and_resume_finishes(
+    small_run, tmp_path, monkeypatch
+):
     out = tmp_path / "run"
     # epoch 2's checkpoint
     _fail_at(monkeypatch, "fsync", 4, OSError(errno.ENOSPC, "No space left on device"))
     message = _run(SMALL + ["--out", str(out)])
-    assert message == (f"error: could not write {out / 'checkpoint.pt'} (No space left on device); the run folder "
-                       f"keeps its last complete epoch: free some space or make it writable, then continue with --resume")
+    assert message == (
+        f"error: could not write {out / 'checkpoint.pt'} (No space left on device); the run folder "
+        f"keeps its last complete epoch: free some space or make it writable, then continue with --resume"
+    )
     checkpoint, log, metrics, names = _folder(out)
     assert checkpoint["epoch"] == 1 and len(log) == 1 and metrics["epochs_done"] == 1
     assert names == [".lock", "checkpoint.pt", "log.jsonl", "metrics.json"]     # no .tmp filling the disk
@@ -1768,16 +1857,24 @@ def test_run_folder_full_disk_is_one_line_removes_its_partial_file_and_resume_fi
 
 @pytest.mark.parametrize("dry_run", [True, False])
 @pytest.mark.parametrize("case", ["--out is a file", "--out is read-only", "--data-dir is a file"])
-def test_run_folder_unwritable_paths_are_one_line_before_any_data_is_read(tmp_path, monkeypatch, capsys, case, dry_run):
+def test_run_folder_unwritable_paths_are_one_line_before_any_data_is_read(
+    tmp_path, monkeypatch, capsys, case, dry_run
+):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "file").write_text("")
     (tmp_path / "readonly").mkdir()
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, **k: "readonly" not in str(p) and real_access(p, mode, **k))
-    monkeypatch.setattr(train_cifar, "load_data", lambda *a: pytest.fail("read data before checking the paths"))
-    flag, path, problem = {"--out is a file": ("--out", "file/run", "file is a file, not a folder"),
-                           "--out is read-only": ("--out", "readonly/run", "cannot write in readonly"),
-                           "--data-dir is a file": ("--data-dir", "file", "file is a file, not a folder")}[case]
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, **k: "readonly" not in str(p) and real_access(p, mode, **k)
+    )
+    monkeypatch.setattr(
+        train_cifar, "load_data", lambda *a: pytest.fail("read data before checking the paths")
+    )
+    flag, path, problem = {
+        "--out is a file": ("--out", "file/run", "file is a file, not a folder"),
+        "--out is read-only": ("--out", "readonly/run", "cannot write in readonly"),
+        "--data-dir is a file": ("--data-dir", "file", "file is a file, not a folder"),
+    }[case]
     argv = ["--dataset", "cifar10", flag, path] + (["--out", "run"] if flag == "--data-dir" else [])
     with pytest.raises(SystemExit) as stop:
         train_cifar.main(argv + (["--dry-run"] if dry_run else []))
@@ -1822,7 +1919,10 @@ def test_run_folder_resume_on_another_device_restores_what_it_can_and_says_so(sm
         assert "--device cuda, but this torch cannot use it" in capsys.readouterr().err
     assert _run(["--resume", str(out), "--device", "cpu"]) is None
     printed = capsys.readouterr().out
-    assert "resuming a cuda run on cpu: weights, optimizer, step, history and the CPU random state are restored" in printed
+    assert (
+        "resuming a cuda run on cpu: weights, optimizer, step, history and the CPU random state are restored"
+        in printed
+    )
     resumed = torch.load(path, weights_only=True)
     assert resumed["epoch"] == 3 and resumed["config"]["device"] == "cpu"
     assert _folder(out)[1][:2] == _folder(small_run)[1][:2]             # the restored history
@@ -1890,7 +1990,9 @@ def test_run_folder_download_has_an_overall_deadline(tmp_path, monkeypatch):
     path = tmp_path / "cifar-10-python.tar.gz"
     start = time.monotonic()
     with _serving(chunk=100, pause=0.05) as (url, _):                  # 2 kB/s: 51 s for the whole blob
-        with pytest.raises(train_cifar.DataError, match=r"could not download .*not complete after 0.5 s\); run again"):
+        with pytest.raises(
+            train_cifar.DataError, match=r"could not download .*not complete after 0.5 s\); run again"
+        ):
             train_cifar.download(url, str(path))
     assert time.monotonic() - start < 5
     # kept to continue
@@ -1903,12 +2005,14 @@ def test_run_folder_other_file_system_faults_are_one_line_before_any_data_is_rea
     def read_only(path, *args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
     monkeypatch.setattr(os, "makedirs", read_only)
-    monkeypatch.setattr(train_cifar, "load_data", lambda *a: pytest.fail("read data before creating the folder"))
+    monkeypatch.setattr(
+        train_cifar, "load_data", lambda *a: pytest.fail("read data before creating the folder")
+    )
     assert _run(SMALL + ["--out", str(out)]) == (f"error: [Errno 30] Read-only file system: '{out}'; "
                                                  f"check that path, its permissions and the free space")
 
 
-# ============================================================================ per-key rates, c_j, exact alignment's edges
+# ======================================================================= per-key rates, c_j, alignment edges
 # key_drop_rates against a count of covering seeds written here and against the
 # sampler; smoothing_coefficients against exact sums over binomial counts;
 # expected_weights: re-normalisation, bad input, underflowed weights, majorisation.
@@ -2004,8 +2108,11 @@ def test_expected_weights_renormalises_every_term_and_refuses_non_float_input():
     torch.testing.assert_close(doubled, dropkey.expected_weights(p, 0.5), atol=1e-12, rtol=0)
     torch.testing.assert_close(doubled.sum(-1), torch.ones(4, dtype=torch.float64), atol=1e-7, rtol=0)
     torch.testing.assert_close(doubled, _enumerated_expectation(p, 0.5), atol=1e-6, rtol=0)
-    for bad, message in [(torch.tensor([[3, 1]]), "floating-point"), (torch.tensor([[0.5, -0.1]]), "non-negative"),
-                         (torch.zeros(1, 3), "positive sum")]:
+    for bad, message in [
+        (torch.tensor([[3, 1]]), "floating-point"),
+        (torch.tensor([[0.5, -0.1]]), "non-negative"),
+        (torch.zeros(1, 3), "positive sum"),
+    ]:
         with pytest.raises(ValueError, match=message):
             dropkey.expected_weights(bad, 0.3)
     with pytest.raises(ValueError, match="either"):
@@ -2048,7 +2155,7 @@ def test_expected_weights_is_majorised_by_p():
         assert (top_e[:, 0] < top_p[:, 0]).all()
 
 
-# ============================================================================ the fast path: counter masks, long rows, FlexAttention
+# ======================================================================= fast path: counter masks, long rows, flex
 # The fast path's keep mask is a pure function of one seed (SplitMix64 of seed, row and key), drawn
 # first from the generator of each training call. Tested here: the generator against its published
 # values and a Python re-implementation, its statistics, that re-seeding gives back the mask of any
@@ -2082,7 +2189,7 @@ def test_counter_mix64_is_splitmix64_in_place_and_not():
 
 
 def test_counter_keep_mask_is_the_documented_function_of_seed_row_and_key():
-    """Seed key, row keys, words, 16-bit pieces compared as int16: the layout in dropkey.py, element by element."""
+    """Seed key, row keys, words, 16-bit pieces compared as int16: the layout in dropkey.py, elementwise."""
     seed, shape, d = 987654321, (2, 3, 5, 9), 0.3
     keep = dropkey.counter_keep_mask(seed, shape, "dropkey", d)
     threshold = round((1 - d) * 65536) - 32768
@@ -2127,7 +2234,7 @@ def test_counter_rows_beyond_the_counter_range_are_a_value_error():
 
 @contextlib.contextmanager
 def _path(name, monkeypatch):
-    """Force one fast path: the CPU kernel on whole masks, the tiled path (kernel or public ops), or explicit."""
+    """Force one fast path: the CPU kernel on whole masks, the tiled path (kernel or public ops), explicit."""
     if name.startswith("tiled"):
         monkeypatch.setattr(dropkey, "TILED_FROM", 0)
         monkeypatch.setattr(dropkey, "TILE_ELEMENTS", 6 * 16 * 12)   # 16 queries x 12 keys per tile: merges
@@ -2149,10 +2256,12 @@ GRID_37 = dict(grid=(6, 6), prefix_tokens=1, block_size=2)
 @pytest.mark.parametrize("masks", list(MASK_CASES))
 @pytest.mark.parametrize("mode", dropkey.DROPPING_MODES)
 def test_counter_a_training_call_used_the_mask_of_its_first_generator_draw(mode, masks, path, monkeypatch):
-    """Re-seed, draw_seed, counter_keep_mask: the explicit path under that mask gives the call's out and grads."""
+    """Re-seed, draw_seed, counter_keep_mask: the explicit path under that mask gives the call's outputs."""
     q, k, v = _qkv(B=2, N=37, seed=91, grad=True)
     with _path(path, monkeypatch):
-        out = dropkey.attention(q, k, v, drop_ratio=0.5, mode=mode, generator=_gen(92), **MASK_CASES[masks], **GRID_37)
+        out = dropkey.attention(
+            q, k, v, drop_ratio=0.5, mode=mode, generator=_gen(92), **MASK_CASES[masks], **GRID_37
+        )
         result = _out_and_grads(out, (q, k, v))
     keep = dropkey.counter_keep_mask(dropkey.draw_seed(_gen(92)), (2, 3, 37, 37), mode, 0.5, **GRID_37)
     expected = _attend(q, k, v, mode, 0.5, False, keep_mask=keep, **MASK_CASES[masks], **GRID_37)
@@ -2185,7 +2294,9 @@ def test_tiled_path_equals_the_explicit_path_under_a_given_mask_with_a_fallen_ba
         kw["attn_mask"] = kw["attn_mask"].to(dtype)
     expected = _out_and_grads(_attend(q, k, v, "dropkey", 0.5, False, **kw), (q, k, v))
     with _path(path, monkeypatch):
-        _assert_all_close(_out_and_grads(dropkey.attention(q, k, v, drop_ratio=0.5, **kw), (q, k, v)), expected)
+        _assert_all_close(
+            _out_and_grads(dropkey.attention(q, k, v, drop_ratio=0.5, **kw), (q, k, v)), expected
+        )
 
 
 def test_tiled_path_keeps_nothing_of_size_nq_by_nk_for_backward(monkeypatch):
@@ -2232,7 +2343,7 @@ def test_flex_mask_mod_reproduces_the_counter_mask_bit_for_bit(masks):
 @pytest.mark.filterwarnings("ignore")  # flex on the CPU warns that it is unfused
 @pytest.mark.parametrize("masks", ["none", "padding", "causal"])
 def test_flex_attention_equals_the_explicit_path_under_the_counter_mask(masks):
-    """On the CPU the forward without gradients; with DROPKEY_TEST_DEVICE=cuda training, through `attention`."""
+    """On the CPU the forward without gradients; with DROPKEY_TEST_DEVICE=cuda training, via `attention`."""
     _flex()
     q, k, v = _qkv(B=2, N=37, seed=99, grad=DEVICE.type == "cuda", device=DEVICE)
     kw = {"none": {}, "causal": dict(is_causal=True),
@@ -2245,12 +2356,14 @@ def test_flex_attention_equals_the_explicit_path_under_the_counter_mask(masks):
         _assert_all_close(_out_and_grads(out, (q, k, v)), _out_and_grads(expected, (q, k, v)), tol=1e-4)
         return
     with torch.no_grad():
-        out = dropkey._flex_attention(q, k, v, seed, 0.5, kw.get("attn_mask"), kw.get("is_causal", False), None)
+        out = dropkey._flex_attention(
+            q, k, v, seed, 0.5, kw.get("attn_mask"), kw.get("is_causal", False), None
+        )
     _assert_all_close([out], [expected])
 
 
 def test_counter_word_mixer_compiled_or_not_gives_the_same_bits(monkeypatch):
-    """The compiled mixer (large masks, where a C++ compiler works) against eager, and the fallback when compiling fails."""
+    """The compiled mixer (large masks, where a C++ compiler works) against eager; the fallback on failure."""
     monkeypatch.setattr(dropkey, "COMPILE_FROM", 2**62)                # compilation disabled
     eager = dropkey.counter_keep_mask(3, (2, 3, 65, 65), "dropkey", 0.3)
     monkeypatch.setattr(dropkey, "COMPILE_FROM", 0)
@@ -2277,5 +2390,6 @@ def test_tiled_path_takes_3d_inputs_and_broadcast_heads(case, monkeypatch):
     keep = dropkey.sample_keep_mask((*lead, 37, 37), "dropkey", 0.5, generator=_gen(102))
     expected = _out_and_grads(_attend(q, k, v, "dropkey", 0.5, False, keep_mask=keep), (q, k, v))
     with _path("tiled", monkeypatch):
-        _assert_all_close(_out_and_grads(dropkey.attention(q, k, v, drop_ratio=0.5, keep_mask=keep), (q, k, v)),
-                          expected)
+        _assert_all_close(
+            _out_and_grads(dropkey.attention(q, k, v, drop_ratio=0.5, keep_mask=keep), (q, k, v)), expected
+        )
