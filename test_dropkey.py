@@ -2155,7 +2155,7 @@ def test_expected_weights_is_majorised_by_p():
         assert (top_e[:, 0] < top_p[:, 0]).all()
 
 
-# ======================================================================= fast path: counter masks, long rows, flex
+# ================================================================== fast path: counter masks, long rows, flex
 # The fast path's keep mask is a pure function of one seed (SplitMix64 of seed, row and key), drawn
 # first from the generator of each training call. Tested here: the generator against its published
 # values and a Python re-implementation, its statistics, that re-seeding gives back the mask of any
