@@ -367,9 +367,8 @@ def aligned_attention(query, key, value, attn_mask=None, drop_ratio=0.0, is_caus
     logits = (query @ key.transpose(-2, -1)) * scale                   # (..., Nq, Nk)
     if bias is not None:
         logits = logits + bias
-    p = masked_softmax(logits, allowed)                                # Eq. 2
     if mode == "none" or drop_ratio == 0 or (mc_samples == 0 and mode == "vanilla"):
-        weights = p                                                    # nothing to align
+        weights = masked_softmax(logits, allowed)                      # p of Eq. 2: nothing to align
     elif mc_samples == 0:                                              # c_j p_j, Eq. 3, by DropKey's rule
         masked = logits if allowed is None else torch.where(allowed, logits, float("-inf"))
         weights = expected_weights(logits=masked, drop_ratio=drop_ratio).to(value.dtype)
