@@ -1226,20 +1226,22 @@ def _cpu_flash_fits(q, k, v, bias):
 def _flex_mask_mod(seed, lead, Nq, drop_ratio, allowed, causal, fallback=None):
     """FlexAttention's mask_mod of DropKey: the bit of `counter_keep_mask` at (b, h, q, kv), then the masks.
 
-    The same arithmetic as `counter_bits`, for one element: row r = b H + h
-    for (B, H, Nq, Nk) inputs, its key, the word of key kv // 4 and its
-    16-bit piece kv % 4, compared as an offset-binary number (+32768, so
-    that the signed comparison of `counter_bits` holds). Composed with the
-    boolean `allowed` (broadcast to (B, H, Nq, Nk)) and the causal triangle;
-    `fallback` (B, H, Nq) marks rows that keep every allowed key.
+    The same arithmetic as `counter_bits`, for one element: the row keys of
+    the (B, H, Nq) rows are made here, once (`_row_keys`, row r = (b H + h)
+    Nq + q); per element, the word of key kv // 4 and its 16-bit piece
+    kv % 4, compared as an offset-binary number (+32768, so that the signed
+    comparison of `counter_bits` holds). The seed and the threshold are
+    tensors, so a compiled kernel is reused across calls and drop ratios.
+    Composed with the boolean `allowed` (broadcast to (B, H, Nq, Nk)) and the
+    causal triangle; `fallback` (B, H, Nq) marks rows that keep every allowed key.
     """
-    H = lead[1]
-    seed_key = _seed_key(seed, 1, seed.device)
-    limit = _threshold(1.0 - drop_ratio) + 32768
+    B, H = lead
+    device = seed.device
+    row_keys = _row_keys(_seed_key(seed, 1, device), torch.arange(B * H * Nq, device=device)).view(B, H, Nq)
+    limit = torch.tensor(_threshold(1.0 - drop_ratio) + 32768, device=device)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        r = (b.long() * H + h) * Nq + q_idx
-        word = mix64(mix64(seed_key + (r + 1) * GOLDEN) + (kv_idx.long() // 4 + 1) * GOLDEN)
+        word = mix64(row_keys[b, h, q_idx] + (kv_idx.long() // 4 + 1) * GOLDEN)
         keep = (((word >> (kv_idx.long() % 4) * 16) + 32768) & 0xFFFF) < limit    # Eq. 12: kept with 1 - d
         if fallback is not None:
             keep = keep | fallback[b, h, q_idx]
@@ -1252,24 +1254,62 @@ def _flex_mask_mod(seed, lead, Nq, drop_ratio, allowed, causal, fallback=None):
     return mask_mod
 
 
+_flex_kernels = {}
+
+
+def _flex_kernel(device):
+    """flex_attention compiled on CUDA (its fused kernel; compiled once per process and shape), eager elsewhere."""
+    from torch.nn.attention.flex_attention import flex_attention
+    if device.type != "cuda":
+        return flex_attention                                          # the CPU tests: unfused, forward only
+    if "cuda" not in _flex_kernels:
+        _flex_kernels["cuda"] = torch.compile(flex_attention, dynamic=False)
+    return _flex_kernels["cuda"]
+
+
+def _flex_block_mask(mask_mod, lead, Nq, Nk, attn_mask, is_causal, device):
+    """The BlockMask of a dropping mask_mod: every tile the allowed keys reach is partial.
+
+    A random mask drops keys in every tile, so no tile is full, and
+    evaluating the mask_mod over all N x N elements to learn that (what
+    create_block_mask does) would cost as much as the attention. Only the
+    allowed keys (padding, causal) decide which tiles are skipped.
+    """
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, _DEFAULT_SPARSE_BLOCK_SIZE as S
+    if attn_mask is None and not is_causal:
+        tiles = torch.ones(1, 1, -(-Nq // S), -(-Nk // S), dtype=torch.bool, device=device)
+    else:
+        allowed = None if attn_mask is None else attn_mask.expand(*lead, Nq, Nk)
+
+        def allowed_mod(b, h, q_idx, kv_idx):
+            keep = (kv_idx <= q_idx) if is_causal else (kv_idx >= 0)
+            return keep if allowed is None else keep & allowed[b, h, q_idx, kv_idx]
+        tiles = create_block_mask(allowed_mod, *lead, Nq, Nk, device=device).to_dense().bool()
+    kv_num_blocks = tiles.sum(-1, dtype=torch.int32)                  # (B, H, Nq / S)
+    kv_indices = tiles.int().argsort(dim=-1, descending=True, stable=True).int()  # the reached tiles first
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=S, mask_mod=mask_mod,
+                                    seq_lengths=(Nq, Nk))
+
+
 def _flex_attention(query, key, value, seed, drop_ratio, attn_mask, is_causal, scale):
     """DropKey through `torch.nn.attention.flex_attention`: the mask is a function, nothing N x N is made.
 
     (B, H, N, E) inputs, a boolean attn_mask or none. The block mask is built
-    from the mask_mod on every call (each call has its own seed). The
-    fall-back needs to know which rows kept no key: the kernel's log-sum-exp
-    says (-inf), and only then is it run again with those rows' allowed keys
-    (a host sync on the GPU for that check). Backward recomputes the mask
-    from the same mask_mod, as FlexAttention does for any mask.
+    on every call (each call has its own seed) without evaluating the
+    mask_mod (`_flex_block_mask`). The fall-back needs to know which rows kept
+    no key: the kernel's log-sum-exp says (-inf), and only then is it run
+    again with those rows' allowed keys (a host sync on the GPU for that
+    check). Backward recomputes the mask from the same mask_mod, as
+    FlexAttention does for any mask.
     """
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     lead, (Nq, Nk) = query.shape[:2], (query.shape[-2], key.shape[-2])
     allowed = None if attn_mask is None else attn_mask.expand(*lead, Nq, Nk)
+    flex = _flex_kernel(query.device)
 
     def run(fallback):
         mask_mod = _flex_mask_mod(seed, lead, Nq, drop_ratio, allowed, is_causal, fallback)
-        block_mask = create_block_mask(mask_mod, lead[0], lead[1], Nq, Nk, device=query.device)
-        return flex_attention(query, key, value, block_mask=block_mask, scale=scale, return_lse=True)
+        block_mask = _flex_block_mask(mask_mod, lead, Nq, Nk, attn_mask, is_causal, query.device)
+        return flex(query, key, value, block_mask=block_mask, scale=scale, return_lse=True)
 
     out, lse = run(None)
     empty = lse == float("-inf")                                       # (B, H, Nq): no key kept
@@ -1477,6 +1517,36 @@ def _bench(B, H, N, D, runs, dtype, device, drop_ratio=0.3, memory=True):
           f"Algorithm 1 (x: median of per-round ratios)")
 
 
+def _bench_flex(B, H, N, D, runs, drop_ratio=0.3):
+    """CUDA, bfloat16: DropKey in FlexAttention against the fused kernels without dropout and SDPA's dropout_p."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v = (torch.randn(B, H, N, D, dtype=torch.bfloat16, device="cuda", requires_grad=True) for _ in range(3))
+
+    def flash(**kw):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, **kw)
+    seed = draw_seed(device="cuda")
+    cases = {"flash SDPA, no dropout": flash,
+             f"flash SDPA, dropout_p={drop_ratio}": lambda: flash(dropout_p=drop_ratio),
+             "flex, no mask": lambda: _flex_kernel(q.device)(q, k, v),
+             "dropkey in flex": lambda: attention(q, k, v, drop_ratio=drop_ratio),
+             "dropkey, mask tensor": lambda: attention(
+                 q, k, v, keep_mask=counter_keep_mask(seed, (B, H, N, N), drop_ratio=drop_ratio),
+                 drop_ratio=drop_ratio)}
+    grad = torch.randn_like(q)
+    steps = {name: (lambda fn=fn: fn().backward(grad)) for name, fn in cases.items()}
+    first = {}
+    times = time_rounds(steps, runs, "cuda", first)
+    peak = {name: peak_bytes(step, "cuda") for name, step in steps.items()}
+    base = times["flash SDPA, no dropout"]
+    print(f"\nfwd+bwd, (B, H, N, D) = ({B}, {H}, {N}, {D}), bfloat16 on {torch.cuda.get_device_name()}, "
+          f"d = {drop_ratio}, {runs} rounds")
+    print(f"{'kernel':<28}{'median ms':>10}{'x flash':>8}{'1st call':>10}{'peak MB':>9}")
+    for name, ts in times.items():
+        print(f"{name:<28}{median(ts):10.3f}{paired_ratio(ts, base):8.2f}{first[name]:10.1f}"
+              f"{peak[name] / 2**20:9.1f}")
+
+
 def _main():
     import argparse
     parser = argparse.ArgumentParser(
@@ -1492,7 +1562,15 @@ def _main():
                              "down to 3 (the explicit rows take seconds there)")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the peak-memory column (one more untimed call per row)")
+    parser.add_argument("--flex", metavar="SHAPES", nargs="?", const="8,12,1024,64;2,12,4096,64",
+                        help="CUDA: time DropKey in FlexAttention instead, at these B,H,N,D;... in bfloat16")
     args = parser.parse_args()
+    if args.flex is not None:
+        if not torch.cuda.is_available():
+            parser.error("--flex needs a CUDA GPU")
+        for B, H, N, D in (tuple(int(x) for x in s.split(",")) for s in args.flex.split(";") if s):
+            _bench_flex(B, H, N, D, args.runs)
+        return
     try:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";") if s]
         assert all(len(s) == 4 and s[2] > 1 and math.isqrt(s[2] - 1) ** 2 == s[2] - 1 for s in shapes)
