@@ -832,7 +832,7 @@ def counter_bits(row_keys, c0, c1, prob, out=None):
     R, C = row_keys.shape[0], c1 - c0
     out = torch.empty(R, C, dtype=torch.bool, device=row_keys.device) if out is None else out
     offsets = torch.arange(c0 // 4 + 1, (c1 + 3) // 4 + 1, dtype=torch.int64, device=row_keys.device) * GOLDEN
-    rows = max(1, WORD_CHUNK // len(offsets))
+    rows = max(1, WORD_CHUNK // len(offsets)) if row_keys.device.type == "cpu" else R  # a GPU has no such cache
     words = row_keys.new_empty(min(rows, R), len(offsets))             # (rows, W)
     scratch = torch.empty_like(words)
     bits = words.new_empty(min(rows, R), C, dtype=torch.bool) if out.is_floating_point() else None
@@ -863,12 +863,12 @@ def _counter_bernoulli(shape, prob, seed, stream=1):
     *lead, C = shape
     R = math.prod(lead)
     _check_rows(R, C)
-    device = seed.device if isinstance(seed, torch.Tensor) else "cpu"
+    device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
     key = _seed_key(seed, stream, device)
     if prob <= 0 or prob >= 1:
         return torch.full(shape, prob >= 1, dtype=torch.bool, device=device)
     mask = torch.empty(R, C, dtype=torch.bool, device=device)
-    rows = max(1, MASK_CHUNK // max(C, 1))
+    rows = max(1, (MASK_CHUNK if device.type == "cpu" else 2**25) // max(C, 1))  # a GPU: fewer, larger launches
     cols = C if rows > 1 else max(4, MASK_CHUNK // 4 * 4)
     for a in range(0, R, rows):                                        # blocks of rows (or of one row)
         keys = _row_keys(key, torch.arange(a, min(a + rows, R), device=device))
@@ -1319,9 +1319,10 @@ def _flex_attention(query, key, value, seed, drop_ratio, attn_mask, is_causal, s
 
 
 def _flex_fits(q, k, v, attn_mask, mode):
-    """Whether the FlexAttention path runs: CUDA, (B, H, N, E) of one leading shape, a boolean mask or none."""
+    """Whether the FlexAttention path runs: CUDA, (B, H, N, E) of one leading shape, E and Ev >= 16 (flex's
+    least), a boolean mask or none."""
     if not (q.device.type == "cuda" and mode in ("dropkey", "dropattention") and not torch.compiler.is_compiling()
-            and q.dim() == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2]
+            and q.dim() == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2] and min(q.shape[-1], v.shape[-1]) >= 16
             and (attn_mask is None or attn_mask.dtype == torch.bool)):
         return False
     try:
