@@ -1318,10 +1318,18 @@ def _flex_attention(query, key, value, seed, drop_ratio, attn_mask, is_causal, s
     return out
 
 
+# Nq * Nk (one row block of one head) from which training takes the path that keeps nothing N x N:
+# tiled on the CPU, FlexAttention on CUDA. Short rows stay whole even in a large batch, where one
+# fused call with a mask tensor is cheaper: a ViT at N = 257, batch 128, trained 1.8x slower tiled on
+# the CPU; at N = 65 on an H200, 5.6x slower than `none` through FlexAttention (its per-call cost).
+LONG_ROWS = 2**20
+
+
 def _flex_fits(q, k, v, attn_mask, mode):
-    """Whether the FlexAttention path runs: CUDA, (B, H, N, E) of one leading shape, E and Ev >= 16 (flex's
-    least), a boolean mask or none."""
+    """Whether the FlexAttention path runs: CUDA, long rows, (B, H, N, E) of one leading shape, E and Ev >= 16
+    (flex's least), a boolean mask or none."""
     if not (q.device.type == "cuda" and mode in ("dropkey", "dropattention") and not torch.compiler.is_compiling()
+            and q.shape[-2] * k.shape[-2] >= LONG_ROWS
             and q.dim() == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2] and min(q.shape[-1], v.shape[-1]) >= 16
             and (attn_mask is None or attn_mask.dtype == torch.bool)):
         return False
@@ -1332,16 +1340,11 @@ def _flex_fits(q, k, v, attn_mask, mode):
     return True
 
 
-# Nq * Nk (one row block of one head) from which CPU training takes the tiled path: long rows. Short
-# rows stay whole even in a large batch (a ViT at N = 257, batch 128: 1.8x slower step when tiled).
-TILED_FROM = 2**20
-
-
 def _tiled_fits(q, k, v, attn_mask, lead):
     """Whether _TiledAttention runs these inputs: CPU eager, float32/float64, long rows, no bias gradient."""
     return (q.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
             and q.dtype in (torch.float32, torch.float64) and len({q.dtype, k.dtype, v.dtype}) == 1
-            and q.shape[-2] * k.shape[-2] >= TILED_FROM
+            and q.shape[-2] * k.shape[-2] >= LONG_ROWS
             and (attn_mask is None or not attn_mask.requires_grad))
 
 

@@ -1271,7 +1271,7 @@ def test_trainer_cli_run_on_synthetic_writes_every_metric(tmp_path):
     assert list(metrics["occlusion"]) == ["0.0", "0.1", "0.3", "0.5", "0.7", "0.9"]
     assert metrics["images_per_s"] > 0 and metrics["train_time_s"] > 0 and metrics["finished"]
     assert metrics["config"]["dim"] == 32 and metrics["config"]["mode"] == "dropkey"
-    assert metrics["torch"] == torch.__version__ and metrics["device"] == train_cifar.resolve_device("auto")
+    assert metrics["torch"] == torch.__version__ and metrics["device"].startswith(train_cifar.resolve_device("auto"))
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["stage"]) for r in rows] == [(1, "train"), (2, "train"), (3, "finetune")]
     assert rows[2]["lr"] == 1e-5 and rows[1]["test_acc"] == metrics["test_acc"]
@@ -1899,7 +1899,8 @@ def test_run_folder_resume_refuses_an_explicit_flag_equal_to_its_default(small_r
 
 def test_run_folder_checkpoint_saves_the_resolved_device(small_run):
     checkpoint = torch.load(small_run / "checkpoint.pt", weights_only=True)
-    assert checkpoint["config"]["device"] == "cpu" and "device" not in SMALL   # --device auto, resolved
+    auto = train_cifar.resolve_device("auto")
+    assert checkpoint["config"]["device"] == auto and "device" not in SMALL    # --device auto, resolved
 
 
 def test_run_folder_resume_on_another_device_restores_what_it_can_and_says_so(small_run, tmp_path, capsys):
@@ -2236,7 +2237,7 @@ def test_counter_rows_beyond_the_counter_range_are_a_value_error():
 def _path(name, monkeypatch):
     """Force one fast path: the CPU kernel on whole masks, the tiled path (kernel or public ops), explicit."""
     if name.startswith("tiled"):
-        monkeypatch.setattr(dropkey, "TILED_FROM", 0)
+        monkeypatch.setattr(dropkey, "LONG_ROWS", 0)
         monkeypatch.setattr(dropkey, "TILE_ELEMENTS", 6 * 16 * 12)   # 16 queries x 12 keys per tile: merges
     if name == "tiled, public ops":
         monkeypatch.setattr(dropkey, "_CPU_FLASH", None)
@@ -2302,7 +2303,7 @@ def test_tiled_path_equals_the_explicit_path_under_a_given_mask_with_a_fallen_ba
 def test_tiled_path_keeps_nothing_of_size_nq_by_nk_for_backward(monkeypatch):
     q, k, v = _qkv(B=1, H=2, N=513, D=16, seed=97, grad=True)
     none = dropkey.saved_bytes(lambda: F.scaled_dot_product_attention(q, k, v))
-    monkeypatch.setattr(dropkey, "TILED_FROM", 0)
+    monkeypatch.setattr(dropkey, "LONG_ROWS", 0)
     drop = dropkey.saved_bytes(lambda: dropkey.attention(q, k, v, drop_ratio=0.3))
     assert drop <= none + 2 * 513 * 4  # at most one float per row more than SDPA
 
@@ -2342,9 +2343,10 @@ def test_flex_mask_mod_reproduces_the_counter_mask_bit_for_bit(masks):
 
 @pytest.mark.filterwarnings("ignore")  # flex on the CPU warns that it is unfused
 @pytest.mark.parametrize("masks", ["none", "padding", "causal"])
-def test_flex_attention_equals_the_explicit_path_under_the_counter_mask(masks):
+def test_flex_attention_equals_the_explicit_path_under_the_counter_mask(masks, monkeypatch):
     """On the CPU the forward without gradients; with DROPKEY_TEST_DEVICE=cuda training, via `attention`."""
     _flex()
+    flex_attention = dropkey._flex_attention
     q, k, v = _qkv(B=2, N=37, D=16, seed=99, grad=DEVICE.type == "cuda", device=DEVICE)  # flex: E >= 16
     kw = {"none": {}, "causal": dict(is_causal=True),
           "padding": dict(attn_mask=_padding([37, 3], 37).to(DEVICE))}[masks]
@@ -2352,7 +2354,11 @@ def test_flex_attention_equals_the_explicit_path_under_the_counter_mask(masks):
     keep = dropkey.counter_keep_mask(seed, (2, 3, 37, 37), "dropkey", 0.5)
     expected = _attend(q, k, v, "dropkey", 0.5, False, keep_mask=keep, **kw)
     if DEVICE.type == "cuda":
+        calls = []
+        monkeypatch.setattr(dropkey, "LONG_ROWS", 0)                    # flex at any length, for the test
+        monkeypatch.setattr(dropkey, "_flex_attention", lambda *a: calls.append(1) or flex_attention(*a))
         out = _attend(q, k, v, "dropkey", 0.5, True, generator=_gen(100, DEVICE), **kw)
+        assert calls == [1]                                             # it was flex that ran
         _assert_all_close(_out_and_grads(out, (q, k, v)), _out_and_grads(expected, (q, k, v)), tol=1e-4)
         return
     with torch.no_grad():
