@@ -1897,6 +1897,14 @@ def test_run_folder_resume_refuses_an_explicit_flag_equal_to_its_default(small_r
     assert _run(["--resume", str(small_run), "--epochs", "2", "--progress", "off"]) is None
 
 
+def test_run_folder_resume_refuses_another_out_folder(small_run, tmp_path, capsys):
+    before = sorted(p.name for p in small_run.iterdir())
+    assert _run(["--resume", str(small_run), "--out", str(tmp_path / "elsewhere")]) == 2
+    assert "drop --out" in capsys.readouterr().err and not (tmp_path / "elsewhere").exists()
+    assert sorted(p.name for p in small_run.iterdir()) == before
+    assert _run(["--resume", str(small_run), "--out", str(small_run), "--progress", "off"]) is None  # its own
+
+
 def test_run_folder_checkpoint_saves_the_resolved_device(small_run):
     checkpoint = torch.load(small_run / "checkpoint.pt", weights_only=True)
     auto = train_cifar.resolve_device("auto")

@@ -821,12 +821,15 @@ def resolve_config(args, parser, argv=None):
         out = args.out or os.path.join("runs", f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
         config = {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}
         return argparse.Namespace(**{**config, "device": resolve_device(args.device)}, out=out), None
-    checkpoint = load_checkpoint(os.path.join(args.resume, "checkpoint.pt"))
-    saved = checkpoint["config"]
     explicit = build_parser()
     for action in explicit._actions:  # a parser without defaults: it returns only the flags given
         action.default = argparse.SUPPRESS
     given = vars(explicit.parse_args(argv))
+    if "out" in given and os.path.realpath(given["out"]) != os.path.realpath(args.resume):
+        parser.error(f"--resume continues in its own folder {args.resume}; drop --out (to branch a run, "
+                     f"copy its folder and resume the copy)")
+    checkpoint = load_checkpoint(os.path.join(args.resume, "checkpoint.pt"))
+    saved = checkpoint["config"]
     for key, value in given.items():
         if key not in RUNTIME_FLAGS + ("device",) and value != saved.get(key):
             parser.error(f"--resume continues with the saved configuration; drop --{key.replace('_', '-')} "
