@@ -1267,6 +1267,9 @@ def _flex_kernel(device):
     return _flex_kernels["cuda"]
 
 
+FLEX_TILE = 128  # queries and keys per tile of FlexAttention's block mask (its default)
+
+
 def _flex_block_mask(mask_mod, lead, Nq, Nk, attn_mask, is_causal, device):
     """The BlockMask of a dropping mask_mod: every tile the allowed keys reach is partial.
 
@@ -1275,7 +1278,8 @@ def _flex_block_mask(mask_mod, lead, Nq, Nk, attn_mask, is_causal, device):
     create_block_mask does) would cost as much as the attention. Only the
     allowed keys (padding, causal) decide which tiles are skipped.
     """
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, _DEFAULT_SPARSE_BLOCK_SIZE as S
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+    S = FLEX_TILE
     if attn_mask is None and not is_causal:
         tiles = torch.ones(1, 1, -(-Nq // S), -(-Nk // S), dtype=torch.bool, device=device)
     else:
@@ -1572,7 +1576,12 @@ def _main():
     if args.flex is not None:
         if not torch.cuda.is_available():
             parser.error("--flex needs a CUDA GPU")
-        for B, H, N, D in (tuple(int(x) for x in s.split(",")) for s in args.flex.split(";") if s):
+        try:
+            shapes = [tuple(int(x) for x in s.split(",")) for s in args.flex.split(";") if s]
+            assert shapes and all(len(s) == 4 and min(s) > 0 for s in shapes)
+        except (ValueError, AssertionError):
+            parser.error("--flex takes B,H,N,D;...")
+        for B, H, N, D in shapes:
             _bench_flex(B, H, N, D, args.runs)
         return
     try:

@@ -991,6 +991,14 @@ def test_benchmarks_run_and_print_every_row(capsys, monkeypatch):
     for row in [*dropkey.DROPPING_MODES, "SDPA, no dropout", "paper Algorithm 1", "faster than",
                 "images/s", "none, 2nd copy"]:
         assert row in printed
+    monkeypatch.setattr(sys, "argv", ["dropkey.py", "--flex", "1,2,256,16", "--runs", "1"])
+    if torch.cuda.is_available():
+        dropkey._main()
+        assert "dropkey in flex" in capsys.readouterr().out
+    else:
+        with pytest.raises(SystemExit):
+            dropkey._main()
+        assert "--flex needs a CUDA GPU" in capsys.readouterr().err
 
 
 # ============================================================================ trainer: train_cifar.py
