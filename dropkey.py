@@ -783,40 +783,55 @@ def _threshold(prob):
 
 
 WORD_CHUNK = 2**16  # 64-bit words mixed at a time: two 512 KiB buffers, reused, stay in cache
-# Mask elements of a call from which the word mixer is compiled (torch.compile). Off by default:
-# compiling costs tens of seconds in every new process on a small CPU (each trainer run, each test
-# process) for a 1.2-1.4x faster mask; set e.g. dropkey.COMPILE_FROM = 2**24 for long sequences.
-COMPILE_FROM = 2**62
-_compiled = {}        # the compiled word mixer, or None where compiling failed (then eager, the same bits)
+# Mask elements of one call of `counter_bits` from which a float mask (the tiled path's tiles) is
+# written by one compiled loop (torch.compile): 2-3x faster than the 14 eager passes. Below it, and
+# wherever compiling fails (no C++ compiler), eager: the same bits. Compiling costs seconds, once per
+# process and tile shape; tests and short rows stay under it. dropkey.COMPILE_FROM = 2**62: never.
+COMPILE_FROM = 2**20
+_compiled = {}        # the compiled writer, or None where compiling failed (then eager for good)
 
 
-def _mix_words_into(out, row_keys, offsets):
-    out.copy_(mix64(row_keys[:, None] + offsets))                      # (rows, W), one fused loop when compiled
+def _patterns_into(out, row_keys, offsets, limit, minus_inf):
+    """The bit patterns of D (Eq. 12), 0 where kept and those of -inf where dropped, into out (R, W, 4) ints.
 
-
-def _word_mixer(elements):
-    """The word mixer for a mask of `elements`: compiled for large masks where a C++ compiler works, else None.
-
-    Eager, mix64 is 11 passes over the words; compiled, one: the mixing ~2x
-    faster, a whole mask 1.2-1.4x (the compare stays eager). Compiling takes
-    seconds once per process,
-    so small masks (tests, tiny models) never trigger it, and any failure
-    (no compiler) falls back to eager for good: the bits are the same.
+    The arithmetic of `counter_bits` in one expression, for torch.compile to
+    make one loop of: the word of each (row, 4 keys), its four 16-bit pieces
+    as offset-binary numbers (+32768: u < limit is int16 < threshold).
     """
-    if elements < COMPILE_FROM or _compiled.get("mixer", 0) is None:
-        return None
-    if "mixer" not in _compiled:
-        try:
-            mixer = torch.compile(_mix_words_into, dynamic=True)
-            keys = torch.arange(3, dtype=torch.int64)
-            probe = torch.empty(3, 2, dtype=torch.int64)
-            mixer(probe, keys, torch.arange(1, 3) * GOLDEN)            # compiles now, or raises
-            expected = torch.empty_like(probe)
-            _mix_words_into(expected, keys, torch.arange(1, 3) * GOLDEN)
-            _compiled["mixer"] = mixer if torch.equal(probe, expected) else None
-        except Exception:                                              # no compiler, or an unsupported platform
-            _compiled["mixer"] = None
-    return _compiled["mixer"]
+    w = mix64(row_keys[:, None] + offsets)[:, :, None]                 # (R, W, 1)
+    u = ((w >> torch.arange(0, 64, 16, device=w.device)) + 32768) & 0xFFFF  # (R, W, 4): piece c % 4 of word c // 4
+    out.copy_(torch.where(u < limit, 0, minus_inf))
+
+
+def _compiled_patterns(out, row_keys, offsets, prob):
+    """Write the float mask `out` (R, C) with the compiled loop; False where it does not apply (eager then).
+
+    It writes whole words, 4 keys each: `out`'s rows must have room for
+    them (a row stride of at least 4 W, as the tiled path's buffer has).
+    The first call in a process is checked against eager on two rows.
+    """
+    R, C, W = *out.shape, len(offsets)
+    ints = {torch.float32: torch.int32, torch.float64: torch.int64}.get(out.dtype)
+    if (out.device.type != "cpu" or R * C < COMPILE_FROM or ints is None or out.stride(1) != 1
+            or out.stride(0) < 4 * W or _compiled.get("writer", 0) is None or torch.compiler.is_compiling()):
+        return False
+    view = out.view(ints)
+    padded = view.as_strided((R, W, 4), (view.stride(0), 4, 1))        # (R, W, 4) over the rows' room
+    minus_inf = torch.tensor(float("-inf"), dtype=out.dtype).view(ints).item()
+    try:
+        if "writer" not in _compiled:
+            _compiled["writer"] = torch.compile(_patterns_into, dynamic=False)  # one kernel per tile shape
+        _compiled["writer"](padded, row_keys, offsets, _threshold(prob) + 32768, minus_inf)
+    except Exception:                                                  # no compiler, or an unsupported platform
+        _compiled["writer"] = None
+        return False
+    if not _compiled.get("checked"):
+        eager = _eager_bits(row_keys[:2], offsets, prob, torch.empty(min(R, 2), C, dtype=out.dtype))
+        _compiled["checked"] = torch.equal(eager.view(ints), view[:2])
+        if not _compiled["checked"]:
+            _compiled["writer"] = None
+            return False
+    return True
 
 
 def counter_bits(row_keys, c0, c1, prob, out=None):
@@ -825,25 +840,29 @@ def counter_bits(row_keys, c0, c1, prob, out=None):
     True with probability `prob` (on a 1/65536 grid); the same bits for any
     split into blocks of rows or columns. `out`: a bool tensor (R, c1 - c0) to
     fill, or a float one: then the mask D of Eq. 12 is written, 0 where True
-    and -inf where False (`additive_mask`). The words are mixed WORD_CHUNK at
-    a time in reused buffers: a fresh tensor per op would be page-faulted in
+    and -inf where False (`additive_mask`), by one compiled loop where
+    `_compiled_patterns` applies. Eager, the words are mixed WORD_CHUNK at a
+    time in reused buffers: a fresh tensor per op would be page-faulted in
     each time and cost more than the arithmetic.
     """
     R, C = row_keys.shape[0], c1 - c0
     out = torch.empty(R, C, dtype=torch.bool, device=row_keys.device) if out is None else out
     offsets = torch.arange(c0 // 4 + 1, (c1 + 3) // 4 + 1, dtype=torch.int64, device=row_keys.device) * GOLDEN
+    if out.is_floating_point() and _compiled_patterns(out, row_keys, offsets, prob):
+        return out
+    return _eager_bits(row_keys, offsets, prob, out)
+
+
+def _eager_bits(row_keys, offsets, prob, out):
+    R, C = out.shape
     rows = max(1, WORD_CHUNK // len(offsets)) if row_keys.device.type == "cpu" else R  # a GPU has no such cache
     words = row_keys.new_empty(min(rows, R), len(offsets))             # (rows, W)
     scratch = torch.empty_like(words)
     bits = words.new_empty(min(rows, R), C, dtype=torch.bool) if out.is_floating_point() else None
-    mixer = _word_mixer(R * C) if row_keys.device.type == "cpu" else None
     for a in range(0, R, rows):                                        # blocks of rows, never a loop over tokens
         b = min(a + rows, R)
         w = words[:b - a]
-        if mixer is not None:
-            mixer(w, row_keys[a:b], offsets)
-        else:
-            mix64(torch.add(row_keys[a:b, None], offsets, out=w), scratch[:b - a])  # k_r + (c // 4 + 1) * GOLDEN
+        mix64(torch.add(row_keys[a:b, None], offsets, out=w), scratch[:b - a])  # k_r + (c // 4 + 1) * GOLDEN
         uniform16 = w.view(torch.int16)[:, :C]                         # little-endian: piece c % 4 of word c // 4
         if bits is None:
             torch.lt(uniform16, _threshold(prob), out=out[a:b])
@@ -999,7 +1018,7 @@ class _FlashCPU(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-TILE_ELEMENTS = 2**21  # mask elements (L x queries x keys) of one tile of the tiled path: 8 MiB as float32
+TILE_ELEMENTS = 2**22  # mask elements (L x queries x keys) of one tile of the tiled path: 16 MiB as float32
 
 
 class _TileMasks:
@@ -1066,12 +1085,12 @@ class _TileMasks:
         """The tile as the CPU kernel's float mask (L, bq, bk): bias (or 0) where kept, -inf where not.
 
         Written into one buffer reused by every tile (a fresh one would be page-faulted in each time);
-        the counter bits go straight to floats.
+        the counter bits go straight to floats (one compiled loop for large tiles, `_compiled_patterns`).
         """
-        shape = (self.L, i1 - i0, j1 - j0)
+        shape, width = (self.L, i1 - i0, j1 - j0), -(-(j1 - j0) // 4) * 4  # rows with room for whole words
         if getattr(self, "buffer", None) is None or self.buffer.dtype != dtype:
-            self.buffer = torch.empty(self.L * self.tile_q * min(self.tile_k, self.Nk), dtype=dtype)
-        out = self.buffer[:math.prod(shape)].view(shape)
+            self.buffer = torch.empty(self.L * self.tile_q * -(-min(self.tile_k, self.Nk) // 4) * 4, dtype=dtype)
+        out = self.buffer[:self.L * (i1 - i0) * width].view(-1, width)[:, :j1 - j0].view(shape)  # (L, bq, bk)
         if self.keep is None and self.mode not in STRUCTURED_MODES:
             counter_bits(shared, j0, j1, 1.0 - self.drop_ratio, out=out.view(-1, j1 - j0))
         else:

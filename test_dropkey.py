@@ -2285,6 +2285,16 @@ def test_counter_a_training_call_used_the_mask_of_its_first_generator_draw(mode,
     _assert_all_close(result, _out_and_grads(expected, (q, k, v)))
 
 
+@pytest.mark.parametrize("masks", list(MASK_CASES))
+def test_counter_tiled_path_with_the_compiled_float_mask_equals_the_explicit_path(masks, monkeypatch):
+    """The tiles' float masks from the compiled writer (eager where torch.compile does not work here)."""
+    compiled = dropkey._compiled
+    monkeypatch.setattr(dropkey, "COMPILE_FROM", 0)
+    test_counter_a_training_call_used_the_mask_of_its_first_generator_draw("dropkey", masks, "tiled", monkeypatch)
+    assert "writer" in compiled                                        # it was tried (and checked, if it compiled)
+    assert compiled["writer"] is None or compiled["checked"]
+
+
 def test_counter_default_generator_is_reseeded_by_torch_manual_seed(monkeypatch):
     q, k, v = _qkv(B=1, N=37, seed=93)
     outs = []
@@ -2384,10 +2394,17 @@ def test_flex_attention_equals_the_explicit_path_under_the_counter_mask(masks, m
     _assert_all_close([out], [expected])
 
 
-def test_counter_word_mixer_compiled_or_not_gives_the_same_bits(monkeypatch):
-    """The compiled mixer (large masks, where a C++ compiler works) against eager; the fallback on failure."""
+def test_counter_float_mask_compiled_or_not_gives_the_same_bits(monkeypatch):
+    """The compiled writer (large float tiles, where a C++ compiler works) against eager; the fallback on failure."""
+    rows = dropkey._row_keys(dropkey._seed_key(3, 1, torch.device("cpu")), torch.arange(40))
+    room = torch.full((40, 72), 7.0)                                   # rows with room for 18 words of 4 keys
+
+    def tile(c0, c1):
+        out = room[:, : c1 - c0].fill_(7.0)
+        return dropkey.counter_bits(rows, c0, c1, 0.7, out=out).clone()
     monkeypatch.setattr(dropkey, "COMPILE_FROM", 2**62)                # compilation disabled
-    eager = dropkey.counter_keep_mask(3, (2, 3, 65, 65), "dropkey", 0.3)
+    eager = [tile(0, 65), tile(64, 128)]
+    assert torch.equal(eager[0], dropkey.additive_mask(dropkey.counter_bits(rows, 0, 65, 0.7), torch.float32))
     monkeypatch.setattr(dropkey, "COMPILE_FROM", 0)
     monkeypatch.setattr(dropkey, "_compiled", {})
 
@@ -2395,12 +2412,16 @@ def test_counter_word_mixer_compiled_or_not_gives_the_same_bits(monkeypatch):
         raise RuntimeError("no C++ compiler")
     with monkeypatch.context() as m:
         m.setattr(torch, "compile", no_compiler)
-        assert dropkey._word_mixer(2**30) is None                       # falls back to eager, for good
-        assert torch.equal(dropkey.counter_keep_mask(3, (2, 3, 65, 65), "dropkey", 0.3), eager)
+        assert torch.equal(tile(0, 65), eager[0])                      # falls back to eager, for good
+        assert dropkey._compiled["writer"] is None
     monkeypatch.setattr(dropkey, "_compiled", {})
-    if dropkey._word_mixer(2**30) is None:
-        pytest.skip("torch.compile does not work here: the eager mixer is the one in use")
-    assert torch.equal(dropkey.counter_keep_mask(3, (2, 3, 65, 65), "dropkey", 0.3), eager)
+    compiled = [tile(0, 65)]
+    if dropkey._compiled["writer"] is None:
+        pytest.skip("torch.compile does not work here: the eager writer is the one in use")
+    assert torch.equal(room[:, 68:], torch.full((40, 4), 7.0))         # nothing past the 17 words of 65 keys
+    compiled.append(tile(64, 128))
+    assert dropkey._compiled["checked"]
+    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
 
 
 @pytest.mark.parametrize("case", ["3-D", "broadcast heads"])
