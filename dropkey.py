@@ -785,8 +785,8 @@ def _threshold(prob):
 WORD_CHUNK = 2**16  # 64-bit words mixed at a time: two 512 KiB buffers, reused, stay in cache
 # Mask elements of one call of `counter_bits` from which a float mask (the tiled path's tiles) is
 # written by one compiled loop (torch.compile): 2-3x faster than the 14 eager passes. Below it, and
-# wherever compiling fails (no C++ compiler), eager: the same bits. Compiling costs seconds, once per
-# process and tile shape; tests and short rows stay under it. dropkey.COMPILE_FROM = 2**62: never.
+# wherever compiling fails (no C++ compiler), eager: the same bits. Compiling costs seconds, a few
+# times per process (a new tile size); tests and short rows stay under it. 2**62: never compiled.
 COMPILE_FROM = 2**20
 _compiled = {}        # the compiled writer, or None where compiling failed (then eager for good)
 
@@ -820,7 +820,7 @@ def _compiled_patterns(out, row_keys, offsets, prob):
     minus_inf = torch.tensor(float("-inf"), dtype=out.dtype).view(ints).item()
     try:
         if "writer" not in _compiled:
-            _compiled["writer"] = torch.compile(_patterns_into, dynamic=False)  # one kernel per tile shape
+            _compiled["writer"] = torch.compile(_patterns_into)  # a size that changes is made dynamic: few compiles
         _compiled["writer"](padded, row_keys, offsets, _threshold(prob) + 32768, minus_inf)
     except Exception:                                                  # no compiler, or an unsupported platform
         _compiled["writer"] = None
