@@ -783,10 +783,10 @@ def _threshold(prob):
 
 
 WORD_CHUNK = 2**16  # 64-bit words mixed at a time: two 512 KiB buffers, reused, stay in cache
-# Mask elements of one call of `counter_bits` from which a float mask (the tiled path's tiles) is
-# written by one compiled loop (torch.compile): 2-3x faster than the 14 eager passes. Below it, and
-# wherever compiling fails (no C++ compiler), eager: the same bits. Compiling costs seconds, a few
-# times per process (a new tile size); tests and short rows stay under it. 2**62: never compiled.
+# Mask elements of a float tile of the tiled path from which it is written by one compiled loop
+# (torch.compile, `_compiled_patterns`): 2-3x faster than the 14 eager passes. Below it, and where
+# compiling fails (no C++ compiler), eager: the same bits. Compiling costs seconds, a few times per
+# process (a new tile size); tests and short rows stay under it. 2**62: never compiled.
 COMPILE_FROM = 2**20
 _compiled = {}        # the compiled writer, or None where compiling failed (then eager for good)
 
@@ -803,14 +803,18 @@ def _patterns_into(out, row_keys, offsets, limit, minus_inf):
     out.copy_(torch.where(u < limit, 0, minus_inf))
 
 
-def _compiled_patterns(out, row_keys, offsets, prob):
-    """Write the float mask `out` (R, C) with the compiled loop; False where it does not apply (eager then).
+def _compiled_patterns(out, row_keys, c0, prob):
+    """`counter_bits(row_keys, c0, c0 + C, prob, out=out)` for a float `out` (R, C) by the compiled loop.
 
-    It writes whole words, 4 keys each: `out`'s rows must have room for
-    them (a row stride of at least 4 W, as the tiled path's buffer has).
-    The first call in a process is checked against eager on two rows.
+    False where it does not apply (then call `counter_bits`). It writes whole
+    words, 4 keys each, so past column C up to the next multiple of 4: the
+    caller's rows must have that room (a row stride of at least 4 W, as the
+    tiled path's buffer has). The first call in a process is checked against
+    eager on two rows.
     """
-    R, C, W = *out.shape, len(offsets)
+    R, C = out.shape
+    offsets = torch.arange(c0 // 4 + 1, (c0 + C + 3) // 4 + 1, dtype=torch.int64, device=row_keys.device) * GOLDEN
+    W = len(offsets)
     ints = {torch.float32: torch.int32, torch.float64: torch.int64}.get(out.dtype)
     if (out.device.type != "cpu" or R * C < COMPILE_FROM or ints is None or out.stride(1) != 1
             or out.stride(0) < 4 * W or _compiled.get("writer", 0) is None or torch.compiler.is_compiling()):
@@ -826,7 +830,7 @@ def _compiled_patterns(out, row_keys, offsets, prob):
         _compiled["writer"] = None
         return False
     if not _compiled.get("checked"):
-        eager = _eager_bits(row_keys[:2], offsets, prob, torch.empty(min(R, 2), C, dtype=out.dtype))
+        eager = counter_bits(row_keys[:2], c0, c0 + C, prob, out=torch.empty(min(R, 2), C, dtype=out.dtype))
         _compiled["checked"] = torch.equal(eager.view(ints), view[:2])
         if not _compiled["checked"]:
             _compiled["writer"] = None
@@ -840,21 +844,13 @@ def counter_bits(row_keys, c0, c1, prob, out=None):
     True with probability `prob` (on a 1/65536 grid); the same bits for any
     split into blocks of rows or columns. `out`: a bool tensor (R, c1 - c0) to
     fill, or a float one: then the mask D of Eq. 12 is written, 0 where True
-    and -inf where False (`additive_mask`), by one compiled loop where
-    `_compiled_patterns` applies. Eager, the words are mixed WORD_CHUNK at a
-    time in reused buffers: a fresh tensor per op would be page-faulted in
+    and -inf where False (`additive_mask`). The words are mixed WORD_CHUNK at
+    a time in reused buffers: a fresh tensor per op would be page-faulted in
     each time and cost more than the arithmetic.
     """
     R, C = row_keys.shape[0], c1 - c0
     out = torch.empty(R, C, dtype=torch.bool, device=row_keys.device) if out is None else out
     offsets = torch.arange(c0 // 4 + 1, (c1 + 3) // 4 + 1, dtype=torch.int64, device=row_keys.device) * GOLDEN
-    if out.is_floating_point() and _compiled_patterns(out, row_keys, offsets, prob):
-        return out
-    return _eager_bits(row_keys, offsets, prob, out)
-
-
-def _eager_bits(row_keys, offsets, prob, out):
-    R, C = out.shape
     rows = max(1, WORD_CHUNK // len(offsets)) if row_keys.device.type == "cpu" else R  # a GPU has no such cache
     words = row_keys.new_empty(min(rows, R), len(offsets))             # (rows, W)
     scratch = torch.empty_like(words)
@@ -1092,7 +1088,9 @@ class _TileMasks:
             self.buffer = torch.empty(self.L * self.tile_q * -(-min(self.tile_k, self.Nk) // 4) * 4, dtype=dtype)
         out = self.buffer[:self.L * (i1 - i0) * width].view(-1, width)[:, :j1 - j0].view(shape)  # (L, bq, bk)
         if self.keep is None and self.mode not in STRUCTURED_MODES:
-            counter_bits(shared, j0, j1, 1.0 - self.drop_ratio, out=out.view(-1, j1 - j0))
+            rows = out.view(-1, j1 - j0)                               # (L * bq, bk), with room for whole words
+            if not _compiled_patterns(rows, shared, j0, 1.0 - self.drop_ratio):
+                counter_bits(shared, j0, j1, 1.0 - self.drop_ratio, out=rows)
         else:
             _additive_into(self._slice(self.keep, i0, i1, j0, j1) if self.keep is not None
                            else shared[:, :, j0:j1], out)
