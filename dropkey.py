@@ -694,6 +694,7 @@ def _check_attention(query, key, value, attn_mask, drop_ratio, is_causal, scale,
 # Everything below gives the numbers of the explicit path above, faster; dropkey.FLASH = False skips it.
 
 MASK_CHUNK = 2**21  # mask elements sampled, or given to the CPU kernel, at a time (8 MiB as float32)
+GPU_MASK_CHUNK = 2**25  # the same on a GPU, which has no such cache: fewer, larger launches
 
 
 def _fast_sampler(device):
@@ -782,13 +783,18 @@ def _threshold(prob):
     return round(prob * 65536) - 32768
 
 
+def _word_offsets(c0, c1, device):
+    """(c // 4 + 1) * GOLDEN for the words of columns c0 .. c1 - 1 (c0 % 4 == 0), (W,)."""
+    return torch.arange(c0 // 4 + 1, (c1 + 3) // 4 + 1, dtype=torch.int64, device=device) * GOLDEN
+
+
 WORD_CHUNK = 2**16  # 64-bit words mixed at a time: two 512 KiB buffers, reused, stay in cache
 # Mask elements of a float tile of the tiled path from which it is written by one compiled loop
 # (torch.compile, `_compiled_patterns`): 2-3x faster than the 14 eager passes. Below it, and where
 # compiling fails (no C++ compiler), eager: the same bits. Compiling costs seconds, a few times per
 # process (a new tile size); tests and short rows stay under it. 2**62: never compiled.
 COMPILE_FROM = 2**20
-_compiled = {}        # the compiled writer, or None where compiling failed (then eager for good)
+_compiled = {}  # what torch.compile made: the tile writer (None where compiling failed), flex_attention
 
 
 def _patterns_into(out, row_keys, offsets, limit, minus_inf):
@@ -813,15 +819,15 @@ def _compiled_patterns(out, row_keys, c0, prob):
     eager on two rows.
     """
     R, C = out.shape
-    offsets = torch.arange(c0 // 4 + 1, (c0 + C + 3) // 4 + 1, dtype=torch.int64, device=row_keys.device) * GOLDEN
+    offsets = _word_offsets(c0, c0 + C, row_keys.device)               # (W,)
     W = len(offsets)
-    ints = {torch.float32: torch.int32, torch.float64: torch.int64}.get(out.dtype)
-    if (out.device.type != "cpu" or R * C < COMPILE_FROM or ints is None or out.stride(1) != 1
+    if (out.device.type != "cpu" or R * C < COMPILE_FROM or out.dtype not in (torch.float32, torch.float64)
+            or out.stride(1) != 1
             or out.stride(0) < 4 * W or _compiled.get("writer", 0) is None or torch.compiler.is_compiling()):
         return False
+    ints, minus_inf = _minus_inf_bits(out.dtype)
     view = out.view(ints)
     padded = view.as_strided((R, W, 4), (view.stride(0), 4, 1))        # (R, W, 4) over the rows' room
-    minus_inf = torch.tensor(float("-inf"), dtype=out.dtype).view(ints).item()
     try:
         if "writer" not in _compiled:
             _compiled["writer"] = torch.compile(_patterns_into)  # a size that changes is made dynamic: few compiles
@@ -850,7 +856,7 @@ def counter_bits(row_keys, c0, c1, prob, out=None):
     """
     R, C = row_keys.shape[0], c1 - c0
     out = torch.empty(R, C, dtype=torch.bool, device=row_keys.device) if out is None else out
-    offsets = torch.arange(c0 // 4 + 1, (c1 + 3) // 4 + 1, dtype=torch.int64, device=row_keys.device) * GOLDEN
+    offsets = _word_offsets(c0, c1, row_keys.device)                   # (W,)
     rows = max(1, WORD_CHUNK // len(offsets)) if row_keys.device.type == "cpu" else R  # a GPU has no such cache
     words = row_keys.new_empty(min(rows, R), len(offsets))             # (rows, W)
     scratch = torch.empty_like(words)
@@ -883,7 +889,7 @@ def _counter_bernoulli(shape, prob, seed, stream=1):
     if prob <= 0 or prob >= 1:
         return torch.full(shape, prob >= 1, dtype=torch.bool, device=device)
     mask = torch.empty(R, C, dtype=torch.bool, device=device)
-    rows = max(1, (MASK_CHUNK if device.type == "cpu" else 2**25) // max(C, 1))  # a GPU: fewer, larger launches
+    rows = max(1, (MASK_CHUNK if device.type == "cpu" else GPU_MASK_CHUNK) // max(C, 1))
     cols = C if rows > 1 else max(4, MASK_CHUNK // 4 * 4)
     for a in range(0, R, rows):                                        # blocks of rows (or of one row)
         keys = _row_keys(key, torch.arange(a, min(a + rows, R), device=device))
@@ -936,10 +942,16 @@ def additive_mask(keep, dtype):
     return _additive_into(keep, torch.empty(keep.shape, dtype=dtype, device=keep.device))
 
 
+def _minus_inf_bits(dtype):
+    """The integer dtype as wide as the float `dtype`, and the bits of -inf in it (0xFF800000 for float32)."""
+    ints = {torch.float64: torch.int64, torch.float32: torch.int32}.get(dtype, torch.int16)
+    return ints, torch.tensor(float("-inf"), dtype=dtype).view(ints).item()
+
+
 def _additive_into(keep, out):
     """`additive_mask` written into the float tensor `out`: (keep - 1) & pattern(-inf), as integers."""
-    bits = out.view({torch.float64: torch.int64, torch.float32: torch.int32}.get(out.dtype, torch.int16))
-    minus_inf = torch.tensor(float("-inf"), dtype=out.dtype).view(bits.dtype).item()  # 0xFF800000 for float32
+    ints, minus_inf = _minus_inf_bits(out.dtype)
+    bits = out.view(ints)
     bits.copy_(keep).sub_(1).bitwise_and_(minus_inf)                  # kept: 0 & pattern = +0.0; dropped: -1 & pattern
     return out
 
@@ -1256,22 +1268,27 @@ def _flex_mask_mod(seed, lead, Nq, drop_ratio, allowed, causal, fallback=None):
     device = seed.device
     row_keys = _row_keys(_seed_key(seed, 1, device), torch.arange(B * H * Nq, device=device)).view(B, H, Nq)
     limit = torch.tensor(_threshold(1.0 - drop_ratio) + 32768, device=device)
+    reach = _allowed_mod(allowed, causal)
 
     def mask_mod(b, h, q_idx, kv_idx):
         word = mix64(row_keys[b, h, q_idx] + (kv_idx.long() // 4 + 1) * GOLDEN)
         keep = (((word >> (kv_idx.long() % 4) * 16) + 32768) & 0xFFFF) < limit    # Eq. 12: kept with 1 - d
         if fallback is not None:
             keep = keep | fallback[b, h, q_idx]
-        if allowed is not None:
-            keep = keep & allowed[b, h, q_idx, kv_idx]
-        if causal:
-            keep = keep & (kv_idx <= q_idx)
-        return keep
+        return keep if reach is None else keep & reach(b, h, q_idx, kv_idx)
 
     return mask_mod
 
 
-_flex_kernels = {}
+def _allowed_mod(allowed, causal):
+    """The mask_mod of the keys a query may attend to: `allowed` (B, H, Nq, Nk) and the causal triangle; None: all."""
+    if allowed is None and not causal:
+        return None
+
+    def reach(b, h, q_idx, kv_idx):
+        keep = (kv_idx <= q_idx) if causal else (kv_idx >= 0)
+        return keep if allowed is None else keep & allowed[b, h, q_idx, kv_idx]
+    return reach
 
 
 def _flex_kernel(device):
@@ -1279,36 +1296,35 @@ def _flex_kernel(device):
     from torch.nn.attention.flex_attention import flex_attention
     if device.type != "cuda":
         return flex_attention                                          # the CPU tests: unfused, forward only
-    if "cuda" not in _flex_kernels:
-        _flex_kernels["cuda"] = torch.compile(flex_attention, dynamic=False)
-    return _flex_kernels["cuda"]
+    if "flex" not in _compiled:
+        _compiled["flex"] = torch.compile(flex_attention, dynamic=False)
+    return _compiled["flex"]
 
 
 FLEX_TILE = 128  # queries and keys per tile of FlexAttention's block mask (its default)
 
 
-def _flex_block_mask(mask_mod, lead, Nq, Nk, attn_mask, is_causal, device):
-    """The BlockMask of a dropping mask_mod: every tile the allowed keys reach is partial.
+def _flex_tiles(lead, Nq, Nk, allowed, causal, device):
+    """The (B, H, Nq / FLEX_TILE, Nk / FLEX_TILE) tiles that the allowed keys reach: the block mask's layout.
 
     A random mask drops keys in every tile, so no tile is full, and
-    evaluating the mask_mod over all N x N elements to learn that (what
-    create_block_mask does) would cost as much as the attention. Only the
-    allowed keys (padding, causal) decide which tiles are skipped.
+    evaluating the dropping mask_mod over all N x N elements to learn that
+    (what create_block_mask does) would cost as much as the attention. Only
+    the allowed keys (padding, causal) decide which tiles are skipped.
     """
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
-    S = FLEX_TILE
-    if attn_mask is None and not is_causal:
-        tiles = torch.ones(1, 1, -(-Nq // S), -(-Nk // S), dtype=torch.bool, device=device)
-    else:
-        allowed = None if attn_mask is None else attn_mask.expand(*lead, Nq, Nk)
+    from torch.nn.attention.flex_attention import create_block_mask
+    reach = _allowed_mod(allowed, causal)
+    if reach is None:
+        return torch.ones(1, 1, -(-Nq // FLEX_TILE), -(-Nk // FLEX_TILE), dtype=torch.bool, device=device)
+    return create_block_mask(reach, *lead, Nq, Nk, device=device, BLOCK_SIZE=FLEX_TILE).to_dense().bool()
 
-        def allowed_mod(b, h, q_idx, kv_idx):
-            keep = (kv_idx <= q_idx) if is_causal else (kv_idx >= 0)
-            return keep if allowed is None else keep & allowed[b, h, q_idx, kv_idx]
-        tiles = create_block_mask(allowed_mod, *lead, Nq, Nk, device=device).to_dense().bool()
-    kv_num_blocks = tiles.sum(-1, dtype=torch.int32)                  # (B, H, Nq / S)
+
+def _flex_block_mask(tiles, mask_mod, Nq, Nk):
+    """A BlockMask with every reached tile partial: the mask_mod decides each element."""
+    from torch.nn.attention.flex_attention import BlockMask
+    kv_num_blocks = tiles.sum(-1, dtype=torch.int32)                  # (B, H, Nq / FLEX_TILE)
     kv_indices = tiles.int().argsort(dim=-1, descending=True, stable=True).int()  # the reached tiles first
-    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=S, mask_mod=mask_mod,
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=FLEX_TILE, mask_mod=mask_mod,
                                     seq_lengths=(Nq, Nk))
 
 
@@ -1326,10 +1342,11 @@ def _flex_attention(query, key, value, seed, drop_ratio, attn_mask, is_causal, s
     lead, (Nq, Nk) = query.shape[:2], (query.shape[-2], key.shape[-2])
     allowed = None if attn_mask is None else attn_mask.expand(*lead, Nq, Nk)
     flex = _flex_kernel(query.device)
+    tiles = _flex_tiles(lead, Nq, Nk, allowed, is_causal, query.device)  # the same for a fall-back run
 
     def run(fallback):
         mask_mod = _flex_mask_mod(seed, lead, Nq, drop_ratio, allowed, is_causal, fallback)
-        block_mask = _flex_block_mask(mask_mod, lead, Nq, Nk, attn_mask, is_causal, query.device)
+        block_mask = _flex_block_mask(tiles, mask_mod, Nq, Nk)
         return flex(query, key, value, block_mask=block_mask, scale=scale, return_lse=True)
 
     out, lse = run(None)
