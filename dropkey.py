@@ -773,6 +773,11 @@ def _seed_key(seed, stream, device):
     return mix64(x, torch.empty_like(x))
 
 
+def _seed_device(seed):
+    """Where a mask of `seed` is made: the device of a seed tensor (`draw_seed`), the CPU for an int."""
+    return seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
+
+
 def _row_keys(seed_key, rows):
     """mix64(k + (r + 1) * GOLDEN) for the int64 tensor of row indices `rows`."""
     x = seed_key + (rows + 1) * GOLDEN
@@ -884,7 +889,7 @@ def _counter_bernoulli(shape, prob, seed, stream=1):
     *lead, C = shape
     R = math.prod(lead)
     _check_rows(R, C)
-    device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
+    device = _seed_device(seed)
     key = _seed_key(seed, stream, device)
     if prob <= 0 or prob >= 1:
         return torch.full(shape, prob >= 1, dtype=torch.bool, device=device)
@@ -915,8 +920,7 @@ def counter_keep_mask(seed, shape, mode="dropkey", drop_ratio=0.0, *, grid=None,
     _check_grid(grid, Nk, prefix_tokens, block_size)
     L = math.prod(lead)
     _check_rows(L * Nq, Nk)
-    device = seed.device if isinstance(seed, torch.Tensor) else "cpu"
-    rows = torch.arange(L * Nq, device=device).view(L, Nq)
+    rows = torch.arange(L * Nq, device=_seed_device(seed)).view(L, Nq)
     return _structured_keep(seed, rows, mode, drop_ratio, grid, prefix_tokens, block_size).view(shape)
 
 
@@ -1333,7 +1337,7 @@ def _flex_attention(query, key, value, seed, drop_ratio, attn_mask, is_causal, s
 
     (B, H, N, E) inputs, a boolean attn_mask or none. The block mask is built
     on every call (each call has its own seed) without evaluating the
-    mask_mod (`_flex_block_mask`). The fall-back needs to know which rows kept
+    mask_mod (`_flex_tiles`). The fall-back needs to know which rows kept
     no key: the kernel's log-sum-exp says (-inf), and only then is it run
     again with those rows' allowed keys (a host sync on the GPU for that
     check). Backward recomputes the mask from the same mask_mod, as
@@ -1532,6 +1536,15 @@ def paired_ratio(times, base):
     return median([t / b for t, b in zip(times, base)])
 
 
+def _time_cases(cases, grad, runs, device, memory=True):
+    """Forward + backward (with the dense `grad`, as in training) of every case: times, first calls, peaks."""
+    steps = {name: (lambda fn=fn: fn().backward(grad)) for name, fn in cases.items()}
+    first = {}
+    times = time_rounds(steps, runs, device, first)
+    peak = {name: peak_bytes(step, device) if memory else None for name, step in steps.items()}
+    return times, first, peak
+
+
 def _bench(B, H, N, D, runs, dtype, device, drop_ratio=0.3, memory=True):
     side = math.isqrt(N - 1)
     q, k, v = (torch.randn(B, H, N, D, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
@@ -1540,12 +1553,8 @@ def _bench(B, H, N, D, runs, dtype, device, drop_ratio=0.3, memory=True):
         cases[mode] = lambda mode=mode: attention(q, k, v, drop_ratio=drop_ratio, mode=mode,
                                                   grid=(side, side), block_size=min(3, side))
     cases["paper Algorithm 1"] = lambda: algorithm1(q, k, v, drop_ratio)
-    grad = torch.randn_like(q)  # a dense gradient, as in training
-    steps = {name: (lambda fn=fn: fn().backward(grad)) for name, fn in cases.items()}
-    first = {}
-    times = time_rounds(steps, runs, device, first)
+    times, first, peak = _time_cases(cases, torch.randn_like(q), runs, device, memory)
     saved = {name: saved_bytes(fn) for name, fn in cases.items()}
-    peak = {name: peak_bytes(step, device) if memory else None for name, step in steps.items()}
     base = times["SDPA, no dropout"]
     tiled = _tiled_fits(q, k, v, None, (B, H)) and FLASH
     print(f"\nfwd+bwd, (B, H, N, D) = ({B}, {H}, {N}, {D}), {str(dtype)[6:]} on {device}, d = {drop_ratio}, "
@@ -1575,11 +1584,7 @@ def _bench_flex(B, H, N, D, runs, drop_ratio=0.3):
              "dropkey, mask tensor": lambda: attention(
                  q, k, v, keep_mask=counter_keep_mask(seed, (B, H, N, N), drop_ratio=drop_ratio),
                  drop_ratio=drop_ratio)}
-    grad = torch.randn_like(q)
-    steps = {name: (lambda fn=fn: fn().backward(grad)) for name, fn in cases.items()}
-    first = {}
-    times = time_rounds(steps, runs, "cuda", first)
-    peak = {name: peak_bytes(step, "cuda") for name, step in steps.items()}
+    times, first, peak = _time_cases(cases, torch.randn_like(q), runs, "cuda")
     base = times["flash SDPA, no dropout"]
     print(f"\nfwd+bwd, (B, H, N, D) = ({B}, {H}, {N}, {D}), bfloat16 on {torch.cuda.get_device_name()}, "
           f"d = {drop_ratio}, {runs} rounds")
