@@ -143,6 +143,46 @@ def cls_attention_entropy(weights):
     return -(p * p.clamp_min(1e-30).log()).sum(-1).mean(-1)               # (B,)
 
 
+def time_rounds(fns, runs, device, first=None):
+    """Wall times in ms of every fn of the dict `fns`, {name: [ms per round]}, after 3 warm-ups each.
+
+    Each round calls every fn once, in a fresh random order, so a drift of the
+    machine hits every row alike. `first`: a dict that gets each fn's first
+    call (ms), which may include one-time costs.
+    """
+    import random
+    import time
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    for name, fn in fns.items():
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        if first is not None:
+            first[name] = (time.perf_counter() - start) * 1e3
+        for _ in range(2):
+            fn()
+    times = {name: [] for name in fns}
+    order = random.Random(0)
+    for _ in range(runs):
+        for name in order.sample(list(fns), len(fns)):
+            sync()
+            start = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+def paired_ratio(times, base):
+    """Median over rounds of time / base time in the same round: steadier than a ratio of medians."""
+    return median([t / b for t, b in zip(times, base)])
+
+
 def benchmark_step(patch_size=4, batch=128, runs=10, device="cpu"):
     """Images/s of one training step (forward, backward, AdamW) per mode, timed round-robin.
 
@@ -163,13 +203,13 @@ def benchmark_step(patch_size=4, batch=128, runs=10, device="cpu"):
             loss.backward()
             opt.step()
         steps[name] = step
-    times = dropkey.time_rounds(steps, runs, device)
+    times = time_rounds(steps, runs, device)
     print(f"training step of the default ViT, patch {patch_size} (N = {(32 // patch_size) ** 2 + 1}), "
           f"batch {batch}, {device}, {runs} rounds")
     print(f"{'mode':<16}{'images/s':>10}{'step ms':>10}{'x none':>8}")
     for name, ts in times.items():
-        print(f"{name:<16}{batch / dropkey.median(ts) * 1e3:10.1f}{dropkey.median(ts):10.1f}"
-              f"{dropkey.paired_ratio(ts, times['none']):8.3f}")
+        print(f"{name:<16}{batch / median(ts) * 1e3:10.1f}{median(ts):10.1f}"
+              f"{paired_ratio(ts, times['none']):8.3f}")
     return times
 
 
