@@ -1,24 +1,17 @@
 """DropKey (Li et al., "DropKey for Vision Transformer", CVPR 2023) as a drop-in for
 `F.scaled_dot_product_attention`, with every attention-dropout mode the paper compares.
 
-Read it top to bottom, in the paper's order:
-  1. `layer_drop_ratios`: how much to drop in each layer (Sec. 3.2, Table 1).
-  2. `sample_keep_mask`: which keys to drop, per query (Eq. 12), or in blocks and
-     crosses of the patch grid (Fig. 2, Table 2); `fall_back` composes it with padding
-     and causal masks.
-  3. `masked_softmax`, `attention`: -inf on the dropped logits, then softmax (Eq. 12-14).
-  4. `aligned_attention`: Align Expectation at evaluation (Sec. 3.2, Table 4).
-  5. `expected_weights`, `smoothing_coefficients`: E[w_j] = c_j p_j exactly (Eq. 3-4).
-A first reading can stop after `attention`. The whole idea, next to plain attention:
+In the paper's order: `layer_drop_ratios` (Sec. 3.2, Table 1), `sample_keep_mask` (Eq. 12,
+Fig. 2), `masked_softmax` and `attention` (Eq. 12-14), `aligned_attention` (Table 4),
+`expected_weights` (Eq. 3-4). A first reading can stop after `attention`. The idea:
 
     logits = q @ k.transpose(-2, -1) * scale
     logits = logits.masked_fill(torch.rand_like(logits) < drop_ratio, -inf)   # Eq. 12
     out = logits.softmax(-1) @ v                                              # Eq. 13-14
 
-One switch, `dropkey.FLASH`: True hands the same mask to the fused
-F.scaled_dot_product_attention, False runs the softmax written out; the mask, and so
-the numbers, are the same. Rows of Nq * Nk >= LONG_ROWS keys go, where the optional
-file long_rows.py is present, to a path that never holds an N x N tensor.
+`dropkey.FLASH` hands the same mask to the fused F.scaled_dot_product_attention (True)
+or runs the softmax written out (False): the same numbers. Long rows go to the optional
+long_rows.py, where present, which holds no N x N tensor.
 """
 import math
 import numbers
@@ -41,10 +34,9 @@ LONG_ROWS = 2**20       # Nq * Nk from which long_rows.py (if present) takes Dro
 def layer_drop_ratios(drop_ratio, depth, schedule="decreasing"):
     """Drop ratio of every layer, a list of `depth` floats (Sec. 3.2, Table 1).
 
-    constant: d everywhere. decreasing (the paper's best): linear from d in the
-    first layer to 0 in the last, d (depth - 1 - i) / (depth - 1). increasing: the
-    reverse. Ending at 0 is this project's choice (the paper gives no endpoints):
-    both lines then have mean d / 2 and differ only in where they drop.
+    constant: d everywhere. decreasing (the paper's best): d (depth - 1 - i) / (depth - 1),
+    from d in the first layer to 0 in the last; increasing: the reverse. The endpoints are
+    this project's choice (the paper gives none): both lines have mean d / 2.
     """
     d = _check_ratio(drop_ratio)
     if schedule not in SCHEDULES:
@@ -62,9 +54,9 @@ def layer_drop_ratios(drop_ratio, depth, schedule="decreasing"):
 def bernoulli_mask(shape, prob, *, device=None, generator=None):
     """Bool tensor of `shape`, each element True independently with probability `prob`.
 
-    torch's generator fills 64-bit words, each read as four 16-bit uniforms u
-    (a quarter of the draws of torch.rand); True where u < round(prob * 2^16). So
-    prob has a resolution of 2^-16, and any prob > 0 is at least 2^-16.
+    torch's generator fills 64-bit words, each read as four 16-bit uniforms u (a quarter
+    of torch.rand's draws); True where u < round(prob * 2^16), at least 1: prob is on a
+    2^-16 grid, and never 0 (so a keep mask never drops everything by construction).
     """
     n = math.prod(shape)
     seed = {} if generator is None else dict(generator=generator)    # generator=None upsets torch.compile
@@ -84,28 +76,11 @@ def _dilate(x, s, dim):
     return out
 
 
-def seed_rate(mode, drop_ratio, grid, block_size):
-    """Rate gamma of the seeds on the valid region (Sec. 3.2), capped at 1.
-
-    block: gamma = d / s^2 * n_h n_w / ((n_h - s + 1)(n_w - s + 1))
-    cross: gamma = d / (s (n_h + n_w - s)) * n_h n_w / ((n_h - s + 1)(n_w - s + 1))
-    A seed drops s^2 keys (block) or s (n_h + n_w - s) (cross: s rows and s columns,
-    their s^2 crossings counted once); overlaps make the realised rate lower.
-    """
-    n_h, n_w = grid
-    s = block_size
-    valid = (n_h - s + 1) * (n_w - s + 1)
-    per_seed = s * s if mode == "dropkey_block" else s * (n_h + n_w - s)
-    return min(1.0, drop_ratio / per_seed * n_h * n_w / valid)
-
-
 def _structured_drop(lead, mode, drop_ratio, grid, block_size, device, generator):
     """Dropped keys on the patch grid, (*lead, n_h * n_w), for DropKey-Block or -Cross (Fig. 2)."""
-    n_h, n_w = grid
-    s = block_size
+    (n_h, n_w), s = grid, block_size
     gamma = seed_rate(mode, drop_ratio, grid, block_size)
-    seeds = bernoulli_mask((*lead, n_h - s + 1, n_w - s + 1), gamma, device=device,
-                           generator=generator)                        # (*lead, n_h-s+1, n_w-s+1)
+    seeds = bernoulli_mask((*lead, n_h - s + 1, n_w - s + 1), gamma, device=device, generator=generator)
     if mode == "dropkey_block":  # each seed drops the s x s window below-right of it
         drop = _dilate(_dilate(seeds, s, -2), s, -1)                   # (*lead, n_h, n_w)
     else:                        # each seed drops s full rows and s full columns
@@ -120,10 +95,9 @@ def sample_keep_mask(shape, mode="dropkey", drop_ratio=0.0, *, grid=None, prefix
     """A keep mask (True = kept) of `shape` = (..., Nq, Nk): every query row its own (Sec. 3.2).
 
     vanilla, dropattention, dropkey: each key dropped with probability d (Eq. 12).
-    dropkey_block, dropkey_cross: seeds on the n_h x n_w patch grid, each dropping
-    an s x s window or s rows and s columns (Fig. 2); the `prefix_tokens` keys
-    before the grid (the class token) are dropped at d, as in DropKey.
-    The all-dropped rule is applied later (`fall_back`), so the raw mask can be seen.
+    dropkey_block, dropkey_cross: seeds on the n_h x n_w patch grid, each dropping an
+    s x s window or s rows and s columns (Fig. 2); the `prefix_tokens` keys before the
+    grid (the class token) are dropped at d. The all-dropped rule comes later (`fall_back`).
     """
     *lead, n_keys = shape
     d = _check_ratio(drop_ratio)
@@ -138,18 +112,13 @@ def sample_keep_mask(shape, mode="dropkey", drop_ratio=0.0, *, grid=None, prefix
 def allowed_keys(attn_mask, is_causal, Nq, Nk, device):
     """The keys each query may attend to, from SDPA's `attn_mask` and `is_causal`.
 
-    A bool attn_mask is True where attention is allowed (SDPA's meaning). A float one
-    is added to the logits; its entries at or below NOT_ALLOWED_AT (-inf, finfo.min,
-    -1e9, BERT's -1e4) count as padding, not allowed. is_causal allows keys j <= i.
-    Returns (allowed, bias): bool broadcastable to (..., Nq, Nk), or None when every
-    key is allowed, and the float bias or None.
+    bool attn_mask: True = allowed (SDPA's meaning). A float one is added to the logits;
+    entries at or below NOT_ALLOWED_AT (-inf, finfo.min, -1e9, BERT's -1e4) are padding,
+    not allowed. is_causal allows keys j <= i. Returns (allowed, bias): bool broadcastable
+    to (..., Nq, Nk) or None (all allowed), and the float bias or None.
     """
-    allowed, bias = None, None
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        allowed = attn_mask
-    elif attn_mask is not None:
-        bias = attn_mask
-        allowed = attn_mask > NOT_ALLOWED_AT
+    bias = None if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask
+    allowed = attn_mask if bias is None else bias > NOT_ALLOWED_AT     # (..., Nq, Nk) or None
     if is_causal:
         causal = torch.ones(Nq, Nk, dtype=torch.bool, device=device).tril()  # (Nq, Nk)
         allowed = causal if allowed is None else allowed & causal
@@ -159,9 +128,8 @@ def allowed_keys(attn_mask, is_causal, Nq, Nk, device):
 def fall_back(keep, allowed=None):
     """Drop only among allowed keys; a query whose allowed keys are all dropped keeps them.
 
-    The paper's Eq. 1 is 0/0 for a row with nothing kept; that row gets its undropped
-    weights over the allowed keys (never a padded or future key). A row with no
-    allowed key stays empty (zero weights, as SDPA). No branch on the data.
+    Eq. 1 is 0/0 for a row with nothing kept; it gets its undropped weights over the allowed
+    keys (never a padded or future key). A row with no allowed key stays empty, as SDPA.
     """
     kept = keep if allowed is None else keep & allowed                 # (..., Nq, Nk)
     nothing_kept = ~kept.any(dim=-1, keepdim=True)                     # (..., Nq, 1)
@@ -171,10 +139,7 @@ def fall_back(keep, allowed=None):
 # ----------------------------------------------------------------------------- attention
 
 def masked_softmax(logits, mask):
-    """softmax over the keys where `mask` is True: Eq. 12 (d_j = -inf) then Eq. 14.
-
-    A row with no True key gives zeros (as SDPA), not the NaN of softmax(-inf, ..., -inf).
-    """
+    """softmax over the keys where `mask` is True (Eq. 12 then 14); a row with none gives zeros, as SDPA."""
     if mask is None:
         return logits.softmax(dim=-1)                                  # Eq. 2
     masked = torch.where(mask, logits, float("-inf"))                  # Eq. 12
@@ -186,10 +151,8 @@ def dropped_weights(logits, keep, mode, drop_ratio, allowed=None):
     """Weights under `mode`'s drop, given logits and a raw keep mask, (..., Nq, Nk).
 
     dropkey, -block, -cross (Eq. 12-14): -inf on the dropped logits, then softmax.
-    dropattention (Eq. 1): p = softmax(logits), dropped p_j zeroed, re-normalised;
-      equal to DropKey except where every kept p_j underflows (0/0: p is kept).
-    vanilla: nn.Dropout on p, kept p_j / (1 - d); rows no longer sum to 1.
-    none: p. Dropping composes with `allowed` through `fall_back`.
+    dropattention (Eq. 1): softmax, dropped p_j zeroed, re-normalised (DropKey's numbers
+      unless every kept p_j underflows: 0/0 keeps p). vanilla: nn.Dropout, kept p_j / (1 - d).
     """
     if mode in DROPKEY_MODES:
         return masked_softmax(logits, fall_back(keep, allowed))        # Eq. 12-14
@@ -215,29 +178,21 @@ def attention(query, key, value, attn_mask=None, drop_ratio=0.0, is_causal=False
     Args:
       query (..., Nq, E), key (..., Nk, E), value (..., Nk, Ev); leading dims broadcast;
         enable_gqa: key and value may have fewer heads (dim -3), as SDPA.
-      attn_mask: bool (True = may attend) or float of query's dtype (added to the
-        logits; entries <= NOT_ALLOWED_AT are padding: never attended, even when every
-        other key is dropped), broadcastable to (..., Nq, Nk). is_causal: keys j <= i.
-        scale: of the logits, default 1 / sqrt(E).
+      attn_mask: bool (True = may attend) or float of query's dtype (added to the logits;
+        entries <= NOT_ALLOWED_AT are padding: never attended, even when every other key
+        is dropped), broadcastable to (..., Nq, Nk). is_causal: keys j <= i. scale: 1 / sqrt(E).
       drop_ratio: d in [0, 1), a number or 0-dim tensor. mode: one of MODES.
       training: drop only when True; otherwise this is SDPA (see `aligned_attention`).
-      keep_mask: bool, broadcastable to (..., Nq, Nk), True = kept: replaces the
-        sampled mask, so modes can be compared under one mask. Never modified.
-      grid, prefix_tokens, block_size: the patch grid (n_h, n_w) of the keys, the
-        tokens before it, and s, for dropkey_block / dropkey_cross.
-      generator: a torch.Generator on the tensors' device for the mask.
-      return_weights: also return the weights multiplied with value.
+      keep_mask: bool (..., Nq, Nk), True = kept: replaces the sampled mask (never modified).
+      grid, prefix_tokens, block_size: the keys' patch grid (n_h, n_w), the tokens before
+        it, and s, for dropkey_block / dropkey_cross. generator: for the mask.
     Keys are dropped among those a query may attend to (`fall_back`).
-    Returns out (..., Nq, Ev), or (out, weights (..., Nq, Nk)).
+    Returns out (..., Nq, Ev), or (out, weights (..., Nq, Nk)) with return_weights.
     """
     d = _check_attention(query, key, value, attn_mask, drop_ratio, is_causal, scale, mode,
                          training, keep_mask, generator, enable_gqa)
-    if enable_gqa:                                                     # each key head serves Hq / Hk queries
-        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
-        value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
-    lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
-    Nq, Nk, E = query.shape[-2], key.shape[-2], query.shape[-1]
-    scale = (1 / math.sqrt(E) if E else 1.0) if scale is None else scale  # E = 0: the logits are 0
+    key, value, lead, scale = _heads(query, key, value, scale, enable_gqa)  # lead: (...) of the output
+    Nq, Nk = query.shape[-2], key.shape[-2]
     dropping = mode != "none" and training and (keep_mask is not None or d > 0)
     if (FLASH and dropping and mode in DROPKEY_MODES and not return_weights and Nq * Nk >= LONG_ROWS
             and not torch.compiler.is_compiling()):
@@ -254,24 +209,34 @@ def attention(query, key, value, attn_mask=None, drop_ratio=0.0, is_causal=False
     if FLASH and not return_weights and keep is None and attn_mask is None:
         return F.scaled_dot_product_attention(query, key, value, is_causal=is_causal, scale=scale)
     allowed, bias = allowed_keys(attn_mask, is_causal, Nq, Nk, query.device)  # (..., Nq, Nk) or None
-    if mode in ("vanilla", "dropattention") and keep is not None:     # dropped after the softmax
-        logits = query @ key.transpose(-2, -1) * scale                 # (..., Nq, Nk)
-        weights = dropped_weights(logits if bias is None else logits + bias, keep, mode, d, allowed)
-        out = weights @ value                                          # (..., Nq, Ev)
-        return (out, weights) if return_weights else out
-    kept = allowed if keep is None else fall_back(keep, allowed)       # (..., Nq, Nk) or None
-    if FLASH and not return_weights:                                   # the same mask, fused
+    after = keep is not None and mode in ("vanilla", "dropattention")  # dropped after the softmax
+    kept = allowed if keep is None or after else fall_back(keep, allowed)  # (..., Nq, Nk) or None
+    if FLASH and not return_weights and not after:                     # the same mask, fused
         mask = kept if bias is None else torch.where(kept, bias, float("-inf"))
         return F.scaled_dot_product_attention(query, key, value, mask, scale=scale)
     logits = query @ key.transpose(-2, -1) * scale                     # (..., Nq, Nk), q k^T / sqrt(E)
     if bias is not None:
         logits = logits + bias                                         # a float attn_mask
-    masked = logits if kept is None else torch.where(kept, logits, float("-inf"))  # Eq. 12
-    weights = masked.softmax(dim=-1)                                   # Eq. 14
-    if kept is not None:                                               # no allowed key: zeros, as SDPA
-        weights = torch.where(kept.any(dim=-1, keepdim=True), weights, 0.0)
+    if after:
+        weights = dropped_weights(logits, keep, mode, d, allowed)      # Eq. 1, or nn.Dropout's rule
+    else:
+        masked = logits if kept is None else torch.where(kept, logits, float("-inf"))  # Eq. 12
+        weights = masked.softmax(dim=-1)                               # Eq. 14
+        if kept is not None:                                           # no allowed key: zeros, as SDPA
+            weights = torch.where(kept.any(dim=-1, keepdim=True), weights, 0.0)
     out = weights @ value                                              # Eq. 13, (..., Nq, Ev)
     return (out, weights) if return_weights else out
+
+
+def _heads(query, key, value, scale, enable_gqa):
+    """key and value with a head per query head (GQA: each key head serves Hq / Hk), the leading
+    shape of the output, and the scale (default 1 / sqrt(E); E = 0 gives logits 0, as SDPA)."""
+    if enable_gqa:
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
+        value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
+    lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    E = query.shape[-1]
+    return key, value, lead, ((1 / math.sqrt(E) if E else 1.0) if scale is None else scale)
 
 
 def _long_rows_attention(*args, **kwargs):
@@ -291,12 +256,10 @@ def aligned_attention(query, key, value, attn_mask=None, drop_ratio=0.0, is_caus
                       block_size=3, generator=None, return_weights=False):
     """Evaluation with the expected dropped weights: Align Expectation (Sec. 3.2, Table 4).
 
-    mc_samples = T > 0: the paper's Monte-Carlo alignment, the dropped weights
-    averaged over T masks, then @ value. mc_samples = 0: its exact limit T -> inf,
-    c_j p_j of Eq. 3 (`expected_weights`) for dropkey and dropattention; p itself
-    for vanilla (nn.Dropout keeps E[w] = p); not defined for dropkey_block /
-    dropkey_cross, whose drops are not independent (use mc_samples). Masks compose
-    as in `attention`. No autograd. Returns out, or (out, weights) with return_weights.
+    mc_samples = T > 0: the paper's Monte-Carlo alignment, the dropped weights averaged
+    over T masks. mc_samples = 0: its limit T -> inf, c_j p_j of Eq. 3 (`expected_weights`);
+    p for vanilla (nn.Dropout keeps E[w] = p); not for block / cross (drops not independent).
+    Arguments and returns as `attention`'s; no autograd.
     """
     d = _check_attention(query, key, value, attn_mask, drop_ratio, is_causal, scale, mode,
                          False, None, generator, enable_gqa)
@@ -305,12 +268,8 @@ def aligned_attention(query, key, value, attn_mask=None, drop_ratio=0.0, is_caus
     if mc_samples == 0 and mode in STRUCTURED_MODES:
         raise ValueError(f"exact alignment is not defined for {mode}: its drops are not "
                          f"independent; use mc_samples=T instead")
-    if enable_gqa:
-        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
-        value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
-    lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
-    Nq, Nk, E = query.shape[-2], key.shape[-2], query.shape[-1]
-    scale = (1 / math.sqrt(E) if E else 1.0) if scale is None else scale
+    key, value, lead, scale = _heads(query, key, value, scale, enable_gqa)
+    Nq, Nk = query.shape[-2], key.shape[-2]
     allowed, bias = allowed_keys(attn_mask, is_causal, Nq, Nk, query.device)
     logits = query @ key.transpose(-2, -1) * scale                     # (..., Nq, Nk)
     if bias is not None:
@@ -333,41 +292,41 @@ def aligned_attention(query, key, value, attn_mask=None, drop_ratio=0.0, is_caus
 
 # ----------------------------------------------------------------------------- exact rates and expectations
 
+def seed_rate(mode, drop_ratio, grid, block_size):
+    """Rate gamma of the seeds on the valid region (Sec. 3.2), capped at 1.
+
+    gamma = d / K * n_h n_w / ((n_h - s + 1)(n_w - s + 1)), K the keys one seed drops:
+    s^2 (block), s (n_h + n_w - s) (cross: s rows and s columns). Overlaps lower the rate.
+    """
+    (n_h, n_w), s = grid, block_size
+    per_seed = s * s if mode == "dropkey_block" else s * (n_h + n_w - s)
+    return min(1.0, drop_ratio / per_seed * n_h * n_w / ((n_h - s + 1) * (n_w - s + 1)))
+
+
 def key_drop_rates(mode, drop_ratio, grid, block_size=3):
     """Exact probability that each patch key is dropped, an (n_h, n_w) float64 tensor.
 
-    dropkey, dropattention, vanilla: d for every key (Eq. 12); none: 0.
-    dropkey_block / dropkey_cross: seeds are drawn at rate gamma = `seed_rate`
-    on the (n_h - s + 1) x (n_w - s + 1) valid region only (DropBlock's rule),
-    independently, so a key covered by m possible seeds is dropped with
-
-      P(dropped) = 1 - (1 - gamma)^m.
-
-    With r(i) = #{a valid: a <= i <= a + s - 1} = min(i, n_h - s) - max(0, i - s + 1) + 1
-    the seeds whose window covers key (i, j) number m = r(i) r(j) (block);
-    a cross covers it when its rows or its columns do, m = r(i) (n_w - s + 1)
-    + (n_h - s + 1) r(j) - r(i) r(j). A corner key has r = 1, a centre key up
-    to s: the rate is far from uniform, and its mean over the grid is below d.
-    The class token (not on the grid) is dropped at d in every mode.
+    dropkey, dropattention, vanilla: d for every key (Eq. 12); none: 0. Block and
+    cross: seeds fall independently at gamma (`seed_rate`) on the valid region, so a
+    key covered by m possible seeds is dropped with 1 - (1 - gamma)^m. With r(i) =
+    min(i, n - s) - max(0, i - s + 1) + 1 seed rows (or columns) covering i, m =
+    r(i) r(j) for a block, r(i) (n_w - s + 1) + (n_h - s + 1) r(j) - r(i) r(j) for a
+    cross: corner keys are dropped less, centre keys more, the mean is below d.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     _check_ratio(drop_ratio)
-    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-            or not all(isinstance(n, int) and n >= 1 for n in grid)):
+    if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(n, int) and n > 0 for n in grid)):
         raise ValueError(f"grid must be (n_h, n_w), two positive integers, got {grid!r}")
     n_h, n_w = grid
     if mode not in STRUCTURED_MODES:
         return torch.full((n_h, n_w), 0.0 if mode == "none" else float(drop_ratio), dtype=torch.float64)
+    _check_grid(grid, n_h * n_w + 1, 1, block_size)
     s = block_size
-    if not (isinstance(s, int) and 1 <= s <= min(grid)):
-        raise ValueError(f"block_size must be between 1 and {min(grid)} for grid {tuple(grid)}, got {s!r}")
 
-    def reach(n):  # r(i): valid seed positions whose s rows (or columns) contain i
-        i = torch.arange(n, dtype=torch.float64)
-        return (torch.clamp(i, max=n - s) - torch.clamp(i - s + 1, min=0) + 1)
-
-    r_h, r_w = reach(n_h)[:, None], reach(n_w)[None, :]               # (n_h, 1), (1, n_w)
+    i, j = torch.arange(n_h, dtype=torch.float64), torch.arange(n_w, dtype=torch.float64)
+    r_h = (i.clamp(max=n_h - s) - (i - s + 1).clamp(min=0) + 1)[:, None]  # (n_h, 1): r(i)
+    r_w = (j.clamp(max=n_w - s) - (j - s + 1).clamp(min=0) + 1)[None, :]  # (1, n_w): r(j)
     if mode == "dropkey_block":
         covering = r_h * r_w                                          # (n_h, n_w)
     else:
@@ -376,10 +335,7 @@ def key_drop_rates(mode, drop_ratio, grid, block_size=3):
     return 1 - (1 - gamma) ** covering                                # (n_h, n_w)
 
 
-
-
-# Trapezoid step h in y and the size below which the rest of the integral is
-# dropped, per working precision (see `expected_weights`).
+# Trapezoid step h in y, and the size below which the rest of the integral is dropped, per precision.
 QUADRATURE = {torch.float64: (0.5, 1e-9), torch.float32: (0.6, 1e-7)}
 _CHUNK = 2**20  # elements of one (rows, nodes, N) block: bounds memory (3 such tensors), few ops
 LN2 = math.log(2)
@@ -392,12 +348,7 @@ def _nodes(h, k0, k1, y_lo, device=None):
 
 
 def _first_node(h, tol):
-    """First node y_lo, and `below`: the nodes under it summed in closed form.
-
-    Below y_lo the integrand (without its factor 1 - d) is p_j (1 - a_j t + ...)
-    with a_j <= 1, so the nodes there add p_j * sum(h dt/dy) = p_j * below,
-    with an error under p_j * sum(h t dt/dy) <= p_j * tol.
-    """
+    """First node y_lo, and `below`: the nodes under it summed in closed form (integrand ~ p_j there)."""
     for y_lo in torch.arange(-1.0, -4.0, -0.05).tolist():
         t, w = _nodes(h, -300, 0, y_lo)
         if (w * t * t).sum() <= tol:
@@ -411,14 +362,11 @@ _FIRST = {dtype: _first_node(*QUADRATURE[dtype]) for dtype in QUADRATURE}
 def _integrate(q, d, work, coefficient):
     """The integral of `expected_weights` for rows q (R, N) summing to 1, (R, N), in `work` precision.
 
-    coefficient=False: I_j = int_0^inf p_j e^{-t p_j} prod_{i != j} f_i(t) dt, to an absolute error
-    ~tol (what E[w_j] needs). coefficient=True: the same without the factor p_j, to a relative
-    error ~tol (what c_j needs: its tail ~ d^{M-1} / p_j reaches out to t ~ 1 / p_j, so the
-    nodes go on until t p_j >= 40 for every key, or until P(t) is below tol (1 - d) min p).
-    f_i(t) = d + (1 - d) e^{-t p_i}; the nodes below y_lo are summed in closed form.
+    coefficient=False: int_0^inf p_j e^{-t p_j} prod_{i != j} f_i(t) dt, f_i = d + (1 - d) e^{-t p_i},
+    to an absolute error ~tol (for E[w_j]); True: without the factor p_j, to a relative error ~tol
+    (for c_j, whose tail reaches t ~ 1 / p_j). Derivation and error bounds: docs/align-expectation.md.
     """
-    R, N = q.shape
-    device = q.device
+    (R, N), device = q.shape, q.device
     h, tol = QUADRATURE[work]
     y_lo, below = _FIRST[work]
     # First block of nodes: where P(t) of a uniform row of 1 / sum(q^2) keys reaches tol.
@@ -486,46 +434,20 @@ def expected_weights(weights=None, drop_ratio=0.0, *, logits=None):
     """Exact expectation of the DropKey weights of softmax rows `weights`: c_j p_j of Eq. 3.
 
     With keys kept independently, k_i ~ Bernoulli(1 - d), DropKey (Eq. 14) and
-    DropAttention (Eq. 1) give w_j = k_j p_j / sum_i k_i p_i, and w = p when no
-    key with p_i > 0 is kept (`fall_back`). Write 1 / s = int_0^inf e^{-ts} dt;
-    the k_i are independent, so E[k_j e^{-t sum_i k_i p_i}] factorises and
+    DropAttention (Eq. 1) give w_j = k_j p_j / sum_i k_i p_i (p itself when nothing
+    is kept, `fall_back`). Writing 1 / s = int_0^inf e^{-ts} dt, the expectation factorises:
 
       E[w_j] = (1 - d) p_j int_0^inf e^{-t p_j} prod_{i != j} (d + (1 - d) e^{-t p_i}) dt + d^M p_j
 
-    exactly, M = #{i: p_i > 0}; c_j = E[w_j] / p_j (Eq. 3, `smoothing_coefficients`).
-    Keys with p_j = 0 get 0 and do not count. This is the Monte-Carlo average
-    of Table 4 in the limit of infinitely many masks. A row is re-normalised
-    first (q = p / sum p), and the result is E[w] of q: it sums to 1.
-
-    Weights versus logits. A weight that underflowed to 0 (a logit ~17 below
-    the row's largest in float16, ~104 in float32) can no longer take part:
-    that is DropAttention's rule (Eq. 1 drops zeros). DropKey's masked softmax
-    (Eq. 14) still gives such a key weight when every larger key is dropped.
-    Pass `logits=` (instead of weights) to follow DropKey: p = softmax(logits)
-    is then formed in float32, and in float64 for the rows with a logit more
-    than 80 below their largest, so that it underflows only ~745 below.
-
-    Quadrature. The product over all keys, P(t), is formed once per node and
-    the j-th factor divided out, so a node costs O(N) per row. With t =
-    exp(y - e^{-y}) (Takahashi-Mori) the integrand is analytic in y, decays at
-    both ends and stays bounded for |Im y| < ~pi / 2 (where Re t > 0), so the
-    trapezoid rule in y with step h has error ~ exp(-pi^2 / h): against all
-    2^N masks, 1.1e-7 at h = 0.5 (float64 input) and 2.2e-6 at h = 0.6 (other
-    inputs, integrated in float32 at a quarter of the cost). As t -> 0 the
-    integrand tends to (1 - d) p_j, so the nodes below y_lo are summed in
-    closed form (`_first_node`). Nodes stop per row once P(t) <= tol / (1 - d),
-    which bounds the rest of the integral by tol, or once t p_i >= 20 for
-    every key (or at t = e^700: only weights below 1e-300 reach that far).
-    A near-uniform row needs about 10 nodes; a peaked one more, growing with
-    log(max p / min p), as the integrand reaches out to t ~ 1 / min p.
-
-    Args: weights (..., N), non-negative rows (re-normalised here), floating
-      point; or logits (..., N), keyword only; drop_ratio: d in [0, 1).
-      Eval only: no gradient.
-    Returns: E[w] of the same shape and dtype as weights (or logits).
+    M = #{i: p_i > 0}. This is Table 4's Monte-Carlo average in the limit of infinitely
+    many masks. The integral is a trapezoid rule after t = exp(y - e^-y), O(N) per node
+    and row; error against all 2^N masks ~1e-7 (float64 input) or ~2e-6 (other inputs,
+    integrated in float32). Rows are re-normalised first; the result sums to 1.
+    A weight that underflowed to 0 cannot take part (DropAttention's rule); pass `logits=`
+    (keyword only) instead to follow DropKey's masked softmax, which still gives such a
+    key weight when every larger key is dropped. Eval only. Returns E[w], same shape and dtype.
     """
-    _check_ratio(drop_ratio)
-    d = float(drop_ratio)
+    d = _check_ratio(drop_ratio)
     if (weights is None) == (logits is None):
         raise ValueError("expected_weights takes either weights or logits=, not both or neither")
     if logits is not None:
@@ -570,25 +492,13 @@ def _expected_from_logits(logits, d):
 def smoothing_coefficients(weights, drop_ratio):
     """The smoothing coefficients c_j of Eq. 3 directly: E[w_j] = c_j p_j, (..., N).
 
-    c_j = E[k_j / sum_i k_i p_i] (+ d^M, the all-dropped row falling back to p)
-        = (1 - d) int_0^inf e^{-t p_j} prod_{i != j} (d + (1 - d) e^{-t p_i}) dt + d^M,
-
-    the integral of `expected_weights` without its factor p_j. Dividing
-    E[w_j] by p_j instead loses c_j for small p_j: E[w_j] is accurate to an
-    absolute ~1e-7, and the term (1 - d) d^{M-1} / p_j (the masks that keep
-    only key j) lies out at t ~ 1 / p_j, where that integration stops. Here
-    the nodes run on until t p_j >= 40 for every key, in float64 whatever the
-    input: relative error below 1e-7 (9.1e-8 measured against exact sums
-    over binomial counts, the test's reference) for p_j down to 1e-300. A
-    key with p_j = 0 gets +inf (the limit as p_j -> 0; its E[w_j] is 0); at
-    d = 0 every c_j is 1.
-    Rows are re-normalised first, as in `expected_weights`.
-
-    Args: weights (..., N), non-negative floating-point rows; drop_ratio: d in [0, 1).
-    Returns: c of the same shape and dtype as weights.
+    c_j = (1 - d) int_0^inf e^{-t p_j} prod_{i != j} (d + (1 - d) e^{-t p_i}) dt + d^M,
+    the integral of `expected_weights` without its factor p_j, integrated in float64
+    until t p_j >= 40 for every key: relative error below 1e-7 for p_j down to 1e-300
+    (E[w_j] / p_j would lose small p_j). Eq. 4: c_s < c_t when p_s > p_t. A key with
+    p_j = 0 gets +inf (the limit); at d = 0 every c_j is 1. Rows are re-normalised first.
     """
-    _check_ratio(drop_ratio)
-    d = float(drop_ratio)
+    d = _check_ratio(drop_ratio)
     p, total = _rows(weights, "smoothing_coefficients")
     if p is None or d == 0:
         return torch.ones_like(weights)                               # empty, or nothing is dropped
@@ -597,8 +507,6 @@ def smoothing_coefficients(weights, drop_ratio):
     c = _integrate(q, d, torch.float64, coefficient=True).mul_(1 - d).add_(d ** M.double())  # Eq. 3
     c = torch.where(q > 0, c, math.inf)                               # p_j = 0: c_j -> inf
     return c.to(weights.dtype).reshape(weights.shape)
-
-
 
 
 # ----------------------------------------------------------------------------- checks
@@ -620,9 +528,8 @@ def _check_grid(grid, n_keys, prefix_tokens, block_size):
     if len(grid) != 2 or grid[0] * grid[1] != n_keys - prefix_tokens:
         raise ValueError(f"grid {tuple(grid)} does not match {n_keys} keys with "
                          f"prefix_tokens={prefix_tokens}: need n_h * n_w == {n_keys - prefix_tokens}")
-    if not 1 <= block_size <= min(grid):
-        raise ValueError(f"block_size must be between 1 and {min(grid)} for grid {tuple(grid)}, "
-                         f"got {block_size}")
+    if not (isinstance(block_size, int) and 1 <= block_size <= min(grid)):
+        raise ValueError(f"block_size must be between 1 and {min(grid)} for grid {tuple(grid)}, got {block_size}")
 
 
 def _check_mask(name, mask, target, device):
@@ -648,27 +555,22 @@ def _check_attention(query, key, value, attn_mask, drop_ratio, is_causal, scale,
     tensors = dict(query=query, key=key, value=value)
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) or t.dim() < 2 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor (..., N, E), got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
-                             f"{' of ' + str(t.dtype) if isinstance(t, torch.Tensor) else ''}")
-    if len({t.device for t in tensors.values()}) > 1:
-        raise ValueError(f"query, key, value are on different devices: "
-                         f"{query.device}, {key.device}, {value.device}")
+            got = f"{tuple(t.shape)} of {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a floating-point tensor (..., N, E), got {got}")
     autocast = torch.is_autocast_enabled(query.device.type)
-    if len({t.dtype for t in tensors.values()}) > 1 and not autocast:
-        raise ValueError(f"query, key, value have different dtypes: "
-                         f"{query.dtype}, {key.dtype}, {value.dtype}")
+    if len({t.device for t in tensors.values()}) > 1 or (len({t.dtype for t in tensors.values()}) > 1
+                                                         and not autocast):
+        raise ValueError(f"query, key, value must share one device and dtype, got {query.dtype} on "
+                         f"{query.device}, {key.dtype} on {key.device}, {value.dtype} on {value.device}")
     shapes = f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
     if query.shape[-1] != key.shape[-1] or key.shape[-2] != value.shape[-2]:
         raise ValueError(f"need query (..., Nq, E), key (..., Nk, E), value (..., Nk, Ev); got {shapes}")
     if query.shape[-2] == 0 or key.shape[-2] == 0:
-        raise ValueError(f"empty sequence: Nq = {query.shape[-2]}, Nk = {key.shape[-2]}; attention needs "
-                         f"at least one query and one key")
+        raise ValueError(f"attention needs a query and a key, got Nq = {query.shape[-2]}, Nk = {key.shape[-2]}")
     kv_lead = [key.shape[:-2], value.shape[:-2]]
     if enable_gqa:
         if min(t.dim() for t in tensors.values()) < 3 or any(query.shape[-3] % t.shape[-3] for t in (key, value)):
-            raise ValueError(f"enable_gqa needs (..., H, N, E) tensors whose key and value heads divide "
-                             f"the query heads; got {shapes}")
+            raise ValueError(f"enable_gqa needs (..., H, N, E) with key/value heads dividing query heads, got {shapes}")
         kv_lead = [(*t.shape[:-3], query.shape[-3]) for t in (key, value)]
     try:
         lead = torch.broadcast_shapes(query.shape[:-2], *kv_lead)
@@ -679,8 +581,7 @@ def _check_attention(query, key, value, attn_mask, drop_ratio, is_causal, scale,
     if attn_mask is not None:
         _check_mask("attn_mask", attn_mask, target, query.device)
         if not (attn_mask.dtype == torch.bool or attn_mask.dtype == query.dtype or autocast):
-            raise ValueError(f"attn_mask must be bool or of query's dtype {query.dtype} (as SDPA), "
-                             f"got {attn_mask.dtype}")
+            raise ValueError(f"attn_mask must be bool or query's {query.dtype} (as SDPA), got {attn_mask.dtype}")
     if not isinstance(is_causal, bool):
         raise ValueError(f"is_causal must be True or False, got {is_causal!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
