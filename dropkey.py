@@ -557,16 +557,15 @@ def _check_attention(query, key, value, attn_mask, drop_ratio, is_causal, scale,
         if not isinstance(t, torch.Tensor) or t.dim() < 2 or not t.is_floating_point():
             got = f"{tuple(t.shape)} of {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must be a floating-point tensor (..., N, E), got {got}")
-    autocast = torch.is_autocast_enabled(query.device.type)
     if len({t.device for t in tensors.values()}) > 1 or (len({t.dtype for t in tensors.values()}) > 1
-                                                         and not autocast):
-        raise ValueError(f"query, key, value must share one device and dtype, got {query.dtype} on "
-                         f"{query.device}, {key.dtype} on {key.device}, {value.dtype} on {value.device}")
+                                                         and not torch.is_autocast_enabled(query.device.type)):
+        raise ValueError(f"query, key, value must share one device and dtype; got devices {query.device}, "
+                         f"{key.device}, {value.device} and dtypes {query.dtype}, {key.dtype}, {value.dtype}")
     shapes = f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
     if query.shape[-1] != key.shape[-1] or key.shape[-2] != value.shape[-2]:
         raise ValueError(f"need query (..., Nq, E), key (..., Nk, E), value (..., Nk, Ev); got {shapes}")
     if query.shape[-2] == 0 or key.shape[-2] == 0:
-        raise ValueError(f"attention needs a query and a key, got Nq = {query.shape[-2]}, Nk = {key.shape[-2]}")
+        raise ValueError(f"empty sequence: need a query and a key, got Nq = {query.shape[-2]}, Nk = {key.shape[-2]}")
     kv_lead = [key.shape[:-2], value.shape[:-2]]
     if enable_gqa:
         if min(t.dim() for t in tensors.values()) < 3 or any(query.shape[-3] % t.shape[-3] for t in (key, value)):
@@ -580,7 +579,7 @@ def _check_attention(query, key, value, attn_mask, drop_ratio, is_causal, scale,
     target = (*lead, query.shape[-2], key.shape[-2])
     if attn_mask is not None:
         _check_mask("attn_mask", attn_mask, target, query.device)
-        if not (attn_mask.dtype == torch.bool or attn_mask.dtype == query.dtype or autocast):
+        if attn_mask.dtype not in (torch.bool, query.dtype) and not torch.is_autocast_enabled(query.device.type):
             raise ValueError(f"attn_mask must be bool or query's {query.dtype} (as SDPA), got {attn_mask.dtype}")
     if not isinstance(is_causal, bool):
         raise ValueError(f"is_causal must be True or False, got {is_causal!r}")

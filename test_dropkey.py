@@ -129,10 +129,8 @@ def test_sec_3_2_layer_drop_ratios_constant_decreasing_increasing():
 # ============================================================================ Eq. 12, Fig. 2: masks
 
 @pytest.mark.parametrize("d", [0.1, 0.3, 0.5])
-@pytest.mark.parametrize("flash", [True, False])             # the fast CPU sampler, torch.rand
-def test_eq_12_each_key_is_dropped_at_rate_d_within_4_sigma(d, flash):
-    with _flash(flash):
-        keep = dropkey.sample_keep_mask((16, 4, 65, 65), "dropkey", d, generator=_gen(2))
+def test_eq_12_each_key_is_dropped_at_rate_d_within_4_sigma(d):
+    keep = dropkey.sample_keep_mask((16, 4, 65, 65), "dropkey", d, generator=_gen(2))
     n = keep.numel()                                  # 270k Bernoulli(d) draws
     assert abs((~keep).float().mean().item() - d) < _four_sigma(d, n)
 
@@ -151,18 +149,28 @@ def test_eq_12_fast_sampler_neighbours_sharing_a_word_are_independent():
     assert abs(both - 0.25) < _four_sigma(0.25, n // 2)
 
 
-def test_eq_12_masks_follow_the_torch_seed_and_not_the_chunk_size(monkeypatch):
-    shape = (3, 1000)
+def test_eq_12_masks_follow_the_torch_seed_or_the_generator():
+    shape = (3, 1001)                                 # not a whole number of 64-bit words
     torch.manual_seed(44)
     a = dropkey.bernoulli_mask(shape, 0.3)
     torch.manual_seed(44)
     b = dropkey.bernoulli_mask(shape, 0.3)
-    monkeypatch.setattr(dropkey, "MASK_CHUNK", 12)     # 250 chunks of 3 words each
-    c = dropkey.bernoulli_mask(shape, 0.3, generator=_gen(45))
-    monkeypatch.undo()
-    d = dropkey.bernoulli_mask(shape, 0.3, generator=_gen(45))
+    c, d = (dropkey.bernoulli_mask(shape, 0.3, generator=_gen(45)) for _ in range(2))
     assert torch.equal(a, b) and torch.equal(c, d)
     assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("d", [1e-6, 7e-6, 3e-5, 0.3, 1 - 3e-5, 1 - 1e-6])
+def test_eq_12_any_ratio_drops_at_d_on_the_2_to_the_16_grid_and_never_everything(d):
+    """The keep probability is 1 - d on a 2^-16 grid, at least 2^-16; the realised rate within 4 sigma of it."""
+    n = 2**22
+    keep = dropkey.sample_keep_mask((n // 1024, 1024), "dropkey", d, generator=_gen(46))
+    kept = max(round((1 - d) * 65536), 1) / 65536     # the stated resolution, written again
+    assert abs((1 - kept) - d) <= 2**-16
+    assert abs(keep.float().mean().item() - kept) <= _four_sigma(kept, n) + 1 / n
+    assert keep.any()                                 # never everything dropped
+    if d >= 3e-5:
+        assert not keep.all()
 
 
 def test_eq_12_masks_differ_across_queries_heads_and_batch():
@@ -535,6 +543,180 @@ def test_bad_input_is_a_one_line_value_error(call, message):
     with pytest.raises(ValueError, match=message) as info:
         call(q)
     assert "\n" not in str(info.value)
+
+
+# ============================================================================ one switch, and SDPA's terms kept
+# dropkey.FLASH changes speed, never numbers: both settings draw the same mask from the same generator.
+
+def _switch_results(mode, kw, flash, d=0.5, seed=70, device="cpu"):
+    q, k, v = _qkv(B=2, H=4, N=17, seed=seed, grad=True, device=device)
+    with _flash(flash):
+        out = dropkey.attention(q, k, v, drop_ratio=d, mode=mode, generator=_gen(seed + 1, device),
+                                **STRUCTURED, **kw)
+    return _out_and_grads(out, (q, k, v))
+
+
+@pytest.mark.parametrize("mode", dropkey.MODES)
+@pytest.mark.parametrize("masks", ["none", "padding", "causal", "bias and causal", "gqa"])
+def test_flash_switch_changes_speed_never_numbers(mode, masks):
+    bias = torch.randn(2, 1, 17, 17, generator=_gen(72)).masked_fill(~_padding([17, 6], 17), -1e9)
+    kw = {"none": {}, "padding": dict(attn_mask=_padding([17, 6], 17).to(DEVICE)),
+          "causal": dict(is_causal=True), "bias and causal": dict(attn_mask=bias.to(DEVICE), is_causal=True),
+          "gqa": dict(enable_gqa=True)}[masks]
+    if masks == "gqa":
+        q, k, v = _qkv(B=2, H=4, N=17, seed=73, grad=True, device=DEVICE)
+        k, v = k[:, :2].detach().requires_grad_(), v[:, :2].detach().requires_grad_()
+        results = []
+        for flash in [True, False]:
+            with _flash(flash):
+                out = dropkey.attention(q, k, v, drop_ratio=0.5, mode=mode, generator=_gen(74, DEVICE),
+                                        **STRUCTURED, **kw)
+            results.append(_out_and_grads(out, (q, k, v)))
+    else:
+        results = [_switch_results(mode, kw, flash, device=DEVICE) for flash in [True, False]]
+    _assert_all_close(*results)
+    assert not torch.equal(results[0][0], _switch_results(mode, kw, True, seed=80, device=DEVICE)[0]) or \
+        mode == "none"                                # a test that can fail: another seed, another mask
+
+
+@pytest.mark.parametrize("mode", dropkey.MODES)
+@pytest.mark.parametrize("flash", [True, False])
+def test_return_weights_never_changes_the_output(mode, flash):
+    q, k, v = _qkv(B=2, N=17, seed=75)
+    with _flash(flash):
+        plain = dropkey.attention(q, k, v, drop_ratio=0.5, mode=mode, generator=_gen(76), **STRUCTURED)
+        out, weights = dropkey.attention(q, k, v, drop_ratio=0.5, mode=mode, generator=_gen(76), **STRUCTURED,
+                                         return_weights=True)
+    torch.testing.assert_close(plain, out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(weights @ v, out, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_dropattention_output_with_underflowing_kept_weights_is_the_same_with_return_weights(flash):
+    """float16, a logit gap of 20: every kept weight underflows, Eq. 1 is 0/0 and keeps p (both calls)."""
+    q = torch.zeros(1, 1, 1, 4, dtype=torch.float16)
+    k = torch.zeros(1, 1, 4, 4, dtype=torch.float16)
+    q[..., 0], k[..., 0, 0] = 1.0, 20.0
+    v = torch.randn(1, 1, 4, 4, generator=_gen(77)).half()
+    keep = torch.tensor([False, True, True, True]).expand(1, 1, 1, 4)
+    with _flash(flash):
+        plain = dropkey.attention(q, k, v, drop_ratio=0.5, mode="dropattention", keep_mask=keep, scale=1.0)
+        out, _ = dropkey.attention(q, k, v, drop_ratio=0.5, mode="dropattention", keep_mask=keep, scale=1.0,
+                                   return_weights=True)
+    torch.testing.assert_close(plain, out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", dropkey.DROPPING_MODES)
+@pytest.mark.parametrize("flash", [True, False])
+def test_a_callers_keep_mask_and_attn_mask_are_never_modified(mode, flash):
+    q, k, v = _qkv(B=2, N=17, seed=78, grad=True)
+    keep = dropkey.sample_keep_mask((2, 3, 17, 17), mode, 0.9, generator=_gen(79), **STRUCTURED)
+    bias = torch.randn(2, 1, 17, 17, generator=_gen(80)).masked_fill(~_padding([17, 5], 17), float("-inf"))
+    keep_before, bias_before = keep.clone(), bias.clone()
+    with _flash(flash):
+        dropkey.attention(q, k, v, bias, 0.9, True, mode=mode, keep_mask=keep, **STRUCTURED).sum().backward()
+    assert torch.equal(keep, keep_before) and torch.equal(bias, bias_before)
+
+
+@pytest.mark.parametrize("fill", ["finfo.min", -1e9, -1e4])
+@pytest.mark.parametrize("d", [0.5, 0.9, 0.99])
+@pytest.mark.parametrize("flash", [True, False])
+def test_finite_padding_gets_exactly_zero_weight_and_gradient_under_any_drop(fill, d, flash):
+    """Hugging Face style masks: padding at finfo.min, -1e9 or -1e4 (<= NOT_ALLOWED_AT) is never attended."""
+    q, k, v = _qkv(B=3, N=33, seed=81, grad=True)
+    lengths = [33, 9, 2]
+    value = torch.finfo(torch.float32).min if fill == "finfo.min" else fill
+    bias = torch.zeros(3, 1, 1, 33).masked_fill(~_padding(lengths, 33), value)
+    assert value <= dropkey.NOT_ALLOWED_AT
+    with _flash(flash):
+        out = dropkey.attention(q, k, v, attn_mask=bias, drop_ratio=d, generator=_gen(82))
+        _, weights = dropkey.attention(q, k, v, attn_mask=bias, drop_ratio=d, generator=_gen(82),
+                                       return_weights=True)
+    out.square().sum().backward()
+    for b, n in enumerate(lengths):
+        assert (weights[b, ..., n:] == 0).all()
+        assert (v.grad[b, :, n:] == 0).all() and (k.grad[b, :, n:] == 0).all()
+        torch.testing.assert_close(weights[b].sum(-1), torch.ones(3, 33), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["dropkey", "vanilla", "dropkey_cross"])
+def test_func_grad_and_vmap_with_different_randomness_train_as_with_sdpa(mode):
+    q, k, v = _qkv(B=2, N=17, seed=83)
+
+    def loss(q):
+        return dropkey.attention(q, k, v, drop_ratio=0.5, mode=mode, **STRUCTURED).square().sum()
+    torch.manual_seed(84)
+    grad = torch.func.grad(loss)(q)
+    torch.manual_seed(84)
+    q_ = q.clone().requires_grad_()
+    expected, = torch.autograd.grad(loss(q_), q_)
+    torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-5)
+    same = q[0].expand(4, 3, 17, 8)                   # four identical inputs: "different" masks
+    out = torch.vmap(lambda x: dropkey.attention(x, k[0], v[0], drop_ratio=0.5, mode=mode, **STRUCTURED),
+                     randomness="different")(same)
+    assert out.shape == (4, 3, 17, 8) and not torch.equal(out[0], out[1])
+    grads = torch.vmap(torch.func.grad(loss), randomness="different")(q.unsqueeze(1))
+    assert grads.shape == (2, 1, 3, 17, 8) and torch.isfinite(grads).all()
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_torch_compile_fullgraph_trains_across_changing_shapes(dynamic):
+    torch._dynamo.reset()
+    torch.manual_seed(85)
+    model = ViT(image_size=16, patch_size=4, dim=16, depth=1, heads=2, attn_drop_mode="dropkey")
+    compiled = torch.compile(model, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    for batch in [2, 3, 5]:                            # the second shape is where symbolic shapes start
+        loss = compiled(torch.randn(batch, 3, 16, 16)).square().mean()
+        loss.backward()
+        assert torch.isfinite(loss)
+
+
+def test_enable_gqa_is_sdpas_and_drops_as_repeated_heads():
+    q, k, v = _qkv(B=2, H=8, N=17, seed=86)
+    k, v = k[:, :2], v[:, :2]                          # 8 query heads, 2 key/value heads
+    expected = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(dropkey.attention(q, k, v, enable_gqa=True, training=False), expected)
+    keep = dropkey.sample_keep_mask((2, 8, 17, 17), "dropkey", 0.5, generator=_gen(87))
+    repeated = [t.repeat_interleave(4, dim=1) for t in (k, v)]
+    ref, _ = _reference(q, *repeated, keep, "dropkey", 0.5)
+    torch.testing.assert_close(dropkey.attention(q, k, v, drop_ratio=0.5, enable_gqa=True, keep_mask=keep), ref,
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="enable_gqa=True"):
+        dropkey.attention(q, k, v)
+    with pytest.raises(ValueError, match="enable_gqa needs"):
+        dropkey.attention(q, torch.randn(2, 3, 17, 8), torch.randn(2, 3, 17, 8), enable_gqa=True)
+
+
+def test_drop_ratio_as_float_zero_dim_tensor_or_numpy_scalar_gives_the_same_mask():
+    q, k, v = _qkv(B=2, N=17, seed=88)
+    outs = [dropkey.attention(q, k, v, drop_ratio=d, generator=_gen(89))
+            for d in [0.3, torch.tensor(0.3), np.float64(0.3), np.float32(0.3)]]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], atol=1e-6, rtol=1e-6)
+    for bad in [torch.tensor([0.3]), np.float64(1.0), torch.tensor(True), "0.3", float("nan")]:
+        with pytest.raises(ValueError, match="drop_ratio"):
+            dropkey.attention(q, k, v, drop_ratio=bad)
+
+
+def test_empty_head_dim_and_a_mask_of_another_dtype_as_sdpa():
+    q, k, v = torch.randn(2, 3, 5, 0), torch.randn(2, 3, 6, 0), torch.randn(2, 3, 6, 4)
+    expected = F.scaled_dot_product_attention(q, k, v)            # E = 0: the mean of the values
+    for flash in [True, False]:
+        with _flash(flash):
+            torch.testing.assert_close(dropkey.attention(q, k, v, training=False), expected)
+            assert dropkey.attention(q, k, v, drop_ratio=0.5).shape == (2, 3, 5, 4)
+    q, k, v = _qkv(B=2, N=5, seed=90)
+    with pytest.raises(RuntimeError):                              # SDPA refuses it ...
+        F.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(5, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="attn_mask must be bool or query's torch.float32"):  # ... and so do we
+        dropkey.attention(q, k, v, attn_mask=torch.zeros(5, 5, dtype=torch.float64))
+
+
+def test_sec_3_2_seed_rates_are_the_papers_formulas():
+    """gamma = d / K * n_h n_w / ((n_h - s + 1)(n_w - s + 1)), K = s^2 (block) or s (n_h + n_w - s) (cross)."""
+    assert dropkey.seed_rate("dropkey_block", 0.3, (8, 6), 3) == pytest.approx(0.3 / 9 * 48 / (6 * 4))
+    assert dropkey.seed_rate("dropkey_cross", 0.3, (8, 6), 3) == pytest.approx(0.3 / (3 * 11) * 48 / (6 * 4))
+
 
 
 # ======================================================================= Eq. 3-4, Table 4: Align Expectation
