@@ -9,9 +9,8 @@ Fig. 2), `masked_softmax` and `attention` (Eq. 12-14), `aligned_attention` (Tabl
     logits = logits.masked_fill(torch.rand_like(logits) < drop_ratio, -inf)   # Eq. 12
     out = logits.softmax(-1) @ v                                              # Eq. 13-14
 
-`dropkey.FLASH` hands the same mask to the fused F.scaled_dot_product_attention (True)
-or runs the softmax written out (False): the same numbers. Long rows go to the optional
-long_rows.py, where present, which holds no N x N tensor.
+`dropkey.FLASH` hands the same mask to the fused F.scaled_dot_product_attention (True) or
+runs the softmax written out (False): same numbers. Long rows go to long_rows.py, if present.
 """
 import math
 import numbers
@@ -51,19 +50,22 @@ def layer_drop_ratios(drop_ratio, depth, schedule="decreasing"):
 
 # ----------------------------------------------------------------------------- masks
 
-def bernoulli_mask(shape, prob, *, device=None, generator=None):
-    """Bool tensor of `shape`, each element True independently with probability `prob`.
-
-    torch's generator fills 64-bit words, each read as four 16-bit uniforms u (a quarter
-    of torch.rand's draws); True where u < round(prob * 2^16), at least 1: prob is on a
-    2^-16 grid, and never 0 (so a keep mask never drops everything by construction).
-    """
+def uniforms(shape, *, device=None, generator=None):
+    """Uniform int16 in [-2^15, 2^15) of `shape`: 64-bit words of torch's generator, read as four each."""
     n = math.prod(shape)
     seed = {} if generator is None else dict(generator=generator)    # generator=None upsets torch.compile
     words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device, **seed)
-    u = words.view(torch.int16)[:n].view(shape)                        # uniform in [-2^15, 2^15)
-    level = min(max(round(prob * 65536), 1), 65536)                    # True for level of 65536 values
-    return u >= 32768 - level
+    return words.view(torch.int16)[:n].view(shape)
+
+
+def level(prob):
+    """u >= level(prob) has probability prob rounded to a multiple of 2^-16, at least 2^-16 (never 0)."""
+    return 32768 - min(max(round(prob * 65536), 1), 65536)
+
+
+def bernoulli_mask(shape, prob, *, device=None, generator=None):
+    """Bool tensor of `shape`, each element True independently with probability `prob` (on a 2^-16 grid)."""
+    return uniforms(shape, device=device, generator=generator) >= level(prob)
 
 
 def _dilate(x, s, dim):
@@ -157,10 +159,8 @@ def dropped_weights(logits, keep, mode, drop_ratio, allowed=None):
     if mode in DROPKEY_MODES:
         return masked_softmax(logits, fall_back(keep, allowed))        # Eq. 12-14
     p = masked_softmax(logits, allowed)                                # Eq. 2
-    if mode == "vanilla":
-        return torch.where(keep, p, 0.0) / (1.0 - drop_ratio)          # nn.Dropout's rule
-    if mode == "none":
-        return p
+    if mode in ("none", "vanilla"):
+        return p if mode == "none" else torch.where(keep, p, 0.0) / (1.0 - drop_ratio)  # nn.Dropout's rule
     kept = torch.where(fall_back(keep, allowed), p, 0.0)               # k_j p_j, k_j in {0, 1}
     total = kept.sum(dim=-1, keepdim=True)                             # (..., Nq, 1)
     return torch.where(total > 0, kept / total, p)                     # Eq. 1
@@ -194,24 +194,27 @@ def attention(query, key, value, attn_mask=None, drop_ratio=0.0, is_causal=False
     key, value, lead, scale = _heads(query, key, value, scale, enable_gqa)  # lead: (...) of the output
     Nq, Nk = query.shape[-2], key.shape[-2]
     dropping = mode != "none" and training and (keep_mask is not None or d > 0)
-    if (FLASH and dropping and mode in DROPKEY_MODES and not return_weights and Nq * Nk >= LONG_ROWS
-            and not torch.compiler.is_compiling()):
+    fused = FLASH and not return_weights                               # SDPA does the softmax, same mask
+    if fused and dropping and mode in DROPKEY_MODES and Nq * Nk >= LONG_ROWS and not torch.compiler.is_compiling():
         out = _long_rows_attention(query, key, value, attn_mask, d, is_causal, scale, mode=mode,
                                    keep_mask=keep_mask, generator=generator, grid=grid,
                                    prefix_tokens=prefix_tokens, block_size=block_size)
         if out is not None:
             return out
+    if fused and dropping and mode == "dropkey" and keep_mask is None and attn_mask is None and not is_causal:
+        mask = _dropkey_bias((*lead, Nq, Nk), d, query.dtype, query.device, generator)  # the mask below
+        return F.scaled_dot_product_attention(query, key, value, mask, scale=scale)
     keep = None                                                        # None: nothing dropped
     if dropping:
         keep = keep_mask if keep_mask is not None else sample_keep_mask(
             (*lead, Nq, Nk), mode, d, grid=grid, prefix_tokens=prefix_tokens, block_size=block_size,
             device=query.device, generator=generator)                  # (..., Nq, Nk), Eq. 12's k_j
-    if FLASH and not return_weights and keep is None and attn_mask is None:
+    if fused and keep is None and attn_mask is None:
         return F.scaled_dot_product_attention(query, key, value, is_causal=is_causal, scale=scale)
     allowed, bias = allowed_keys(attn_mask, is_causal, Nq, Nk, query.device)  # (..., Nq, Nk) or None
     after = keep is not None and mode in ("vanilla", "dropattention")  # dropped after the softmax
     kept = allowed if keep is None or after else fall_back(keep, allowed)  # (..., Nq, Nk) or None
-    if FLASH and not return_weights and not after:                     # the same mask, fused
+    if fused and not after:
         mask = kept if bias is None else torch.where(kept, bias, float("-inf"))
         return F.scaled_dot_product_attention(query, key, value, mask, scale=scale)
     logits = query @ key.transpose(-2, -1) * scale                     # (..., Nq, Nk), q k^T / sqrt(E)
@@ -228,9 +231,16 @@ def attention(query, key, value, attn_mask=None, drop_ratio=0.0, is_causal=False
     return (out, weights) if return_weights else out
 
 
+def _dropkey_bias(shape, d, dtype, device, generator):
+    """fall_back(sample_keep_mask(shape, "dropkey", d)) from the same draws, as SDPA's float mask (0 kept,
+    -inf dropped): two passes over the draws, where a bool mask's any() and float conversion take four."""
+    u = uniforms(shape, device=device, generator=generator)            # (..., Nq, Nk)
+    row = torch.where(u.amax(-1, keepdim=True) < level(1.0 - d), -32768, level(1.0 - d))  # nothing kept: all
+    return torch.where(u >= row.to(torch.int16), torch.zeros((), dtype=dtype, device=device), float("-inf"))
+
+
 def _heads(query, key, value, scale, enable_gqa):
-    """key and value with a head per query head (GQA: each key head serves Hq / Hk), the leading
-    shape of the output, and the scale (default 1 / sqrt(E); E = 0 gives logits 0, as SDPA)."""
+    """key, value with a head per query head (GQA), the output's leading shape, and the scale (E = 0: 1)."""
     if enable_gqa:
         key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
         value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
@@ -266,8 +276,7 @@ def aligned_attention(query, key, value, attn_mask=None, drop_ratio=0.0, is_caus
     if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 0:
         raise ValueError(f"mc_samples must be a non-negative integer, got {mc_samples!r}")
     if mc_samples == 0 and mode in STRUCTURED_MODES:
-        raise ValueError(f"exact alignment is not defined for {mode}: its drops are not "
-                         f"independent; use mc_samples=T instead")
+        raise ValueError(f"exact alignment is not defined for {mode} (drops not independent); use mc_samples=T")
     key, value, lead, scale = _heads(query, key, value, scale, enable_gqa)
     Nq, Nk = query.shape[-2], key.shape[-2]
     allowed, bias = allowed_keys(attn_mask, is_causal, Nq, Nk, query.device)
@@ -306,12 +315,11 @@ def seed_rate(mode, drop_ratio, grid, block_size):
 def key_drop_rates(mode, drop_ratio, grid, block_size=3):
     """Exact probability that each patch key is dropped, an (n_h, n_w) float64 tensor.
 
-    dropkey, dropattention, vanilla: d for every key (Eq. 12); none: 0. Block and
-    cross: seeds fall independently at gamma (`seed_rate`) on the valid region, so a
-    key covered by m possible seeds is dropped with 1 - (1 - gamma)^m. With r(i) =
-    min(i, n - s) - max(0, i - s + 1) + 1 seed rows (or columns) covering i, m =
-    r(i) r(j) for a block, r(i) (n_w - s + 1) + (n_h - s + 1) r(j) - r(i) r(j) for a
-    cross: corner keys are dropped less, centre keys more, the mean is below d.
+    dropkey, dropattention, vanilla: d for every key (Eq. 12); none: 0. Block and cross: seeds
+    fall independently at gamma (`seed_rate`) on the valid region, so a key covered by m
+    possible seeds is dropped with 1 - (1 - gamma)^m. With r(i) = min(i, n - s) - max(0, i - s + 1)
+    + 1 seed rows (or columns) covering i, m = r(i) r(j) for a block, r(i) (n_w - s + 1) +
+    (n_h - s + 1) r(j) - r(i) r(j) for a cross: corners are dropped less, centres more.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -537,13 +545,8 @@ def _check_mask(name, mask, target, device):
         raise ValueError(f"{name} must be a tensor, got {type(mask).__name__}")
     if mask.device != device:
         raise ValueError(f"{name} is on {mask.device} but query is on {device}")
-    try:
-        fits = torch.broadcast_shapes(mask.shape, target) == target
-    except RuntimeError:
-        fits = False
-    if not fits:
-        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to "
-                         f"(..., Nq, Nk) = {tuple(target)}")
+    if mask.dim() > len(target) or any(m not in (1, t) for m, t in zip(mask.shape[::-1], target[::-1])):
+        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to (..., Nq, Nk) = {tuple(target)}")
 
 
 def _check_attention(query, key, value, attn_mask, drop_ratio, is_causal, scale, mode, training,

@@ -579,6 +579,20 @@ def test_flash_switch_changes_speed_never_numbers(mode, masks):
         mode == "none"                                # a test that can fail: another seed, another mask
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_flash_switch_with_fallen_back_rows_on_the_plain_dropkey_mask(dtype):
+    """d = 0.99 over 17 keys: most rows lose every key and keep them all (`fall_back`), in both settings."""
+    q, k, v = _qkv(B=2, N=17, seed=92, dtype=dtype, grad=True)
+    results = []
+    for flash in [True, False]:
+        with _flash(flash):
+            out = dropkey.attention(q, k, v, drop_ratio=0.99, generator=_gen(93))
+        results.append(_out_and_grads(out.float(), (q, k, v)))
+    keep = dropkey.sample_keep_mask((2, 3, 17, 17), "dropkey", 0.99, generator=_gen(93))
+    assert (~keep.any(-1)).float().mean() > 0.5                  # the case under test happens
+    _assert_all_close(*results, tol=1e-5 if dtype != torch.bfloat16 else 2e-2)
+
+
 @pytest.mark.parametrize("mode", dropkey.MODES)
 @pytest.mark.parametrize("flash", [True, False])
 def test_return_weights_never_changes_the_output(mode, flash):
