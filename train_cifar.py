@@ -5,12 +5,11 @@ experiment is one command: schedules (Table 1), structured drops (Table 2),
 occlusion (Table 3), expectation alignment (Table 4), class-token entropy
 (Fig. 4), attention maps (Fig. 5). The README's "Train" section lists them.
 
-Reading order: data (download, md5, a restricted unpickler, a synthetic set,
-crop + flip on whole batches) -> model and optimizer -> lr schedule ->
-evaluate -> train -> main. A run writes checkpoint.pt, log.jsonl (one row per
-epoch) and metrics.json into --out, each replaced atomically every epoch in
-that order (commit() says why), and attention.png with --attention-map. One
-process at a time writes a run folder (an flock on its .lock file).
+Reading order: data (a synthetic set, crop + flip on whole batches) -> model
+and optimizer -> lr schedule -> one training epoch -> the paper's evaluations
+-> the run folder (the loop over epochs; one checkpoint per epoch is its
+commit, log.jsonl and metrics.json are derived from it) -> the CIFAR files
+(download, md5, a restricted unpickler) -> --summarize -> command line.
 """
 import argparse
 import contextlib
@@ -65,125 +64,28 @@ SYNTHETIC = dict(train=10000, test=2000, classes=10,  # mean and std measured on
 
 
 class DataError(Exception):
-    """A problem with files or the download; main prints it as one line, without a traceback."""
+    """A problem with files, the download or the run folder; main prints it as one line, without a traceback."""
 
 
-def verify_md5(path, expected):
-    """Raise DataError unless `path` has md5 `expected`; a bad file is renamed to *.bad, never trusted again."""
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != expected:
-        os.replace(path, path + ".bad")
-        raise DataError(f"{path} has md5 {digest.hexdigest()}, expected {expected} (truncated or not the "
-                        f"official file); moved it to {path}.bad. Run again, or place the official tarball there")
-
-
-DOWNLOAD_DEADLINE_S = 3600  # the whole tarball; each read also waits at most 60 s
-
-
-def download(url, path):
-    """Stream `url` into path.part with a progress bar, then rename it: an interrupted download never looks complete.
-
-    A .part left by an earlier attempt is continued with an HTTP Range request
-    where the server allows it (it answers 206), else started over. A server
-    that trickles bytes is cut off after DOWNLOAD_DEADLINE_S seconds in all.
-    """
-    part, deadline = path + ".part", time.monotonic() + DOWNLOAD_DEADLINE_S
-    done = os.path.getsize(part) if os.path.exists(part) else 0
-    print(f"downloading {url} -> {path}" + (f", continuing after {done} bytes" if done else ""), file=sys.stderr)
-    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            done = done if response.status == 206 else 0                    # 200: the whole file again
-            size = response.headers.get("Content-Length")
-            with open(part, "ab" if done else "wb") as f, \
-                    tqdm(total=done + int(size) if size else None, initial=done, unit="B", unit_scale=True,
-                         unit_divisor=1024, desc="download", mininterval=1) as bar:
-                while chunk := response.read1(1 << 16):                     # returns what has arrived
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"not complete after {DOWNLOAD_DEADLINE_S} s")
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            if bar.total and bar.n < bar.total:
-                raise ConnectionError(f"cut off after {bar.n} of {bar.total} bytes")
-    except (OSError, ValueError, http.client.HTTPException) as e:  # offline, refused, timed out, cut off, disk full
-        if isinstance(e, urllib.error.HTTPError) or getattr(e, "errno", None) == errno.ENOSPC:
-            with contextlib.suppress(OSError):                              # nothing worth continuing
-                os.remove(part)
-        raise DataError(f"could not download {url} ({e}); run again to continue it, or offline put "
-                        f"{os.path.basename(path)} into {os.path.dirname(path) or '.'} yourself, "
-                        f"or try --dataset synthetic") from None
-    os.replace(part, path)
-
-
-def extract(tarball, data_dir, folder):
-    """Extract into a temporary folder, then rename `folder` into place: a failed extraction leaves nothing."""
-    tmp = tempfile.mkdtemp(prefix=".extract-", dir=data_dir)
-    try:
-        with tarfile.open(tarball) as tar:
-            tar.extractall(tmp, filter="data")  # refuses absolute paths, links out of tmp, devices
-        if not os.path.isdir(os.path.join(tmp, folder)):
-            raise DataError(f"{tarball} has no {folder}/ inside; delete it and run again")
-        os.replace(os.path.join(tmp, folder), os.path.join(data_dir, folder))
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"could not extract {tarball} ({e}); delete it and run again") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def ensure_cifar(spec, data_dir):
-    """The extracted CIFAR folder; if missing, download the tarball (unless present), check its md5, extract."""
-    folder = os.path.join(data_dir, spec["folder"])
-    if not os.path.isdir(folder):
-        os.makedirs(data_dir, exist_ok=True)
-        tarball = os.path.join(data_dir, os.path.basename(spec["url"]))
-        if not os.path.exists(tarball):
-            download(spec["url"], tarball)
-        verify_md5(tarball, spec["md5"])
-        extract(tarball, data_dir, spec["folder"])
-    return folder
-
-
-class CifarUnpickler(pickle.Unpickler):
-    """An unpickler that builds only what the official CIFAR files hold.
-
-    They are Python 2 pickles of a dict of byte strings, ints, lists and one
-    uint8 array; the only globals they name are numpy's array reconstruction.
-    A plain pickle.load calls whatever global a file names (os.system,
-    builtins.open, ...), so every other name is refused before it is called.
-    """
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-               ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refused {module}.{name}: official CIFAR files never name it, "
-                                         f"and unpickling it could run code")
-        return self.ALLOWED[(module, name)]
-
-
-def read_batch(path, spec):
-    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from one official CIFAR batch file."""
-    folder = os.path.dirname(path)
-    if not os.path.exists(path):
-        raise DataError(f"missing {path}; delete {folder} and run again to extract it anew")
-    try:
-        with open(path, "rb") as f:
-            batch = CifarUnpickler(f, encoding="bytes").load()   # Python 2 str -> bytes
-        data, labels = batch[b"data"], np.asarray(batch[spec["label_key"]], dtype=np.int64)
-    except Exception as e:  # truncated, foreign or hostile: all mean "not an official batch file"
-        raise DataError(f"{path} is not a valid CIFAR batch file ({type(e).__name__}: {e}); "
-                        f"delete {folder} and run again") from None
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
-            and data.shape[1] == 3072 and labels.shape == (len(data),)
-            and (labels.size == 0 or 0 <= labels.min() <= labels.max() < spec["classes"])):
-        raise DataError(f"{path}: expected b'data', uint8 N x 3072, and N labels below {spec['classes']}; "
-                        f"delete {folder} and run again")
-    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())  # rows: 1024 red, 1024 green, 1024 blue
-    return images, torch.from_numpy(labels)
+def load_data(cfg, device):
+    """Both splits as uint8 images and int64 labels on `device`, plus the class count, mean and std."""
+    limit = {"train": cfg.limit_train, "test": cfg.limit_test}
+    spec = SYNTHETIC if cfg.dataset == "synthetic" else CIFAR[cfg.dataset]
+    if cfg.dataset == "synthetic":
+        splits = {s: synthetic(min(limit[s] or spec[s], spec[s]), cfg.seed, s) for s in ("train", "test")}
+    else:
+        folder, splits = ensure_cifar(spec, cfg.data_dir), {}  # downloaded and checked if missing (see below)
+        for s in ("train", "test"):
+            batches = [read_batch(os.path.join(folder, name), spec) for name in spec[s]]
+            splits[s] = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+            if len(splits[s][0]) == 0:
+                raise DataError(f"the {s} files in {folder} hold no images; delete {folder} and run again")
+    data = {s: (x[:limit[s]].to(device), y[:limit[s]].to(device)) for s, (x, y) in splits.items()}
+    noise = getattr(cfg, "label_noise", 0.0)  # configurations saved before --label-noise existed had none
+    if noise:
+        data["train"] = (data["train"][0], noisy_labels(data["train"][1], noise, spec["classes"], cfg.seed))
+    stats = {k: torch.tensor(spec[k], device=device).view(1, 3, 1, 1) for k in ("mean", "std")}
+    return dict(data, classes=spec["classes"], **stats)
 
 
 def synthetic(n, seed, split="train", chunk=1000):
@@ -240,29 +142,6 @@ def noisy_labels(labels, fraction, classes, seed):
     return noisy.to(labels.device)
 
 
-def load_data(cfg, device):
-    """Both splits as uint8 images and int64 labels on `device`, plus the class count, mean and std."""
-    limit = {"train": cfg.limit_train, "test": cfg.limit_test}
-    if cfg.dataset == "synthetic":
-        spec = SYNTHETIC
-        splits = {s: synthetic(min(limit[s] or spec[s], spec[s]), cfg.seed, s) for s in ("train", "test")}
-    else:
-        spec = CIFAR[cfg.dataset]
-        folder = ensure_cifar(spec, cfg.data_dir)
-        splits = {}
-        for s in ("train", "test"):
-            batches = [read_batch(os.path.join(folder, name), spec) for name in spec[s]]
-            splits[s] = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
-            if len(splits[s][0]) == 0:
-                raise DataError(f"the {s} files in {folder} hold no images; delete {folder} and run again")
-    data = {s: (x[:limit[s]].to(device), y[:limit[s]].to(device)) for s, (x, y) in splits.items()}
-    noise = getattr(cfg, "label_noise", 0.0)  # configurations saved before --label-noise existed had none
-    if noise:
-        data["train"] = (data["train"][0], noisy_labels(data["train"][1], noise, spec["classes"], cfg.seed))
-    stats = {k: torch.tensor(spec[k], device=device).view(1, 3, 1, 1) for k in ("mean", "std")}
-    return dict(data, classes=spec["classes"], **stats)
-
-
 def augment(images, generator):
     """Random crop with 4-pixel zero padding and a random horizontal flip of a whole uint8 batch, on its device."""
     B, C, H, W = images.shape
@@ -296,17 +175,6 @@ def build_optimizer(model, cfg):
                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr)
 
 
-@contextlib.contextmanager
-def aligned(model, mc_samples=0, align="none"):
-    """Evaluate with Monte-Carlo (`model.mc_samples`) or exact (`model.align`) expectation alignment, then undo."""
-    saved = model.mc_samples, model.align
-    model.mc_samples, model.align = mc_samples, align
-    try:
-        yield model
-    finally:
-        model.mc_samples, model.align = saved
-
-
 def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -323,21 +191,99 @@ def get_lr(step, cfg, steps_per_epoch):
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-# ----------------------------------------------------------------------------- evaluate
+# ----------------------------------------------------------------------------- one training epoch
+
+PROGRESS_EVERY = 20  # steps between two reads of the running loss and accuracy by the progress bar
+
+
+def train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progress):
+    """One pass over the shuffled training split; returns the epoch's statistics and the next step.
+
+    No step waits for the device: losses and correct counts stay in tensors,
+    the progress bar reads them every PROGRESS_EVERY steps (one host sync each
+    time), and check_finite looks at the epoch's losses once, at its end.
+    """
+    model.train()
+    images, labels = data["train"]
+    n, bs, device = len(images), cfg.batch_size, images.device
+    steps_per_epoch = math.ceil(n / bs)
+    order = torch.randperm(n, device=device, generator=generator)
+    losses = torch.zeros(steps_per_epoch, device=device)                   # (steps,)
+    sums = torch.zeros(2, device=device)                                   # loss * images, correct
+    start = time.perf_counter()
+    bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
+    for i in bar:
+        idx = order[i * bs:(i + 1) * bs]
+        x, y = normalize(augment(images[idx], generator), data), labels[idx]
+        lr = get_lr(step, cfg, steps_per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(x.device):
+            logits = model(x).float()                                       # (B, classes)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        losses[i] = loss.detach()
+        sums += torch.stack([loss.detach() * len(idx), (logits.argmax(1) == y).sum()])
+        if progress and ((i + 1) % PROGRESS_EVERY == 0 or i + 1 == steps_per_epoch):
+            seen, (loss_sum, correct) = min(n, (i + 1) * bs), sums.tolist()    # the one sync of these steps
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                            img_s=f"{seen / (time.perf_counter() - start):.0f}")
+    check_finite(model, losses, cfg, epoch)
+    (loss_sum, correct), seconds = sums.tolist(), time.perf_counter() - start
+    return dict(lr=lr, train_loss=loss_sum / n, train_acc=correct / n,
+                images=n, time_s=seconds, images_per_s=n / seconds), step
+
+
+class Diverged(Exception):
+    """A non-finite loss or weight; main prints it as one line and exits with status 1."""
+
+
+def check_finite(model, losses, cfg, epoch):
+    """Raise Diverged at the epoch's first non-finite loss, or if its last update left a non-finite weight.
+
+    One host sync per epoch instead of one per step; the epoch is never
+    committed, so the run folder keeps the last finite checkpoint.
+    """
+    bad_loss = ~torch.isfinite(losses)                                      # (steps,)
+    bad_weights = ~torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+    if bad_loss.any() or bad_weights:
+        i = int(bad_loss.nonzero()[0]) if bad_loss.any() else len(losses) - 1
+        what = f"the loss is {losses[i].item()}" if bad_loss.any() else "its update made a weight non-finite"
+        kept = (f"{cfg.out} keeps the checkpoint of epoch {epoch}, the last finite one" if epoch
+                else "no checkpoint was written")
+        flag, lr = ("--lr", cfg.lr) if epoch < cfg.epochs else ("--finetune-lr", cfg.finetune_lr)
+        raise Diverged(f"training diverged in epoch {epoch + 1}, step {i + 1} of {len(losses)}: {what}; "
+                       f"{kept}; try a smaller {flag} (this run: {lr:g})")
+
+
+# ----------------------------------------------------------------------------- the paper's evaluations
 
 @torch.no_grad()
 def evaluate(model, data, cfg, drop_patches=0.0):
     """(loss, accuracy) on the test split in eval mode: no attention dropout unless an alignment is on."""
     model.eval()
     images, labels = data["test"]
-    loss, correct = 0.0, 0
+    sums = torch.zeros(2, device=images.device)                             # loss, correct
     for i in range(0, len(images), cfg.batch_size):
         x, y = normalize(images[i:i + cfg.batch_size], data), labels[i:i + cfg.batch_size]
         with autocast(x.device):
             logits = model(x, drop_patches=drop_patches).float()            # (B, classes)
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-    return loss / len(images), correct / len(images)
+        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()])
+    return tuple(s / len(images) for s in sums.tolist())
+
+
+@contextlib.contextmanager
+def aligned(model, mc_samples=0, align="none"):
+    """Evaluate with Monte-Carlo (`model.mc_samples`) or exact (`model.align`) expectation alignment, then undo."""
+    saved = model.mc_samples, model.align
+    model.mc_samples, model.align = mc_samples, align
+    try:
+        yield model
+    finally:
+        model.mc_samples, model.align = saved
 
 
 @torch.no_grad()
@@ -380,21 +326,19 @@ def save_attention_map(model, data, path, count=4):
     for ax in axes.flat:
         ax.axis("off")
     axes[1, 0].set_title("class-token attention, last layer", fontsize=8, loc="left")
-    atomic_save(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    atomic_save(path, png.getvalue())
 
 
 def paper_evaluations(model, data, cfg, plain_seconds):
     """The paper's analyses of the model as trained, before any fine-tune: Table 4, Fig. 4, Table 3, Fig. 5."""
-    settings = {}
-    if cfg.mc_samples:
-        settings["mc"] = dict(mc_samples=cfg.mc_samples)
-    if cfg.align == "exact":
-        settings["exact"] = dict(align="exact")
+    settings = dict(mc=dict(mc_samples=cfg.mc_samples), exact=dict(align="exact"))
     results, seconds = {}, {"plain": plain_seconds}
-    for key, setting in settings.items():  # accuracy and cost of each alignment (Table 4)
-        start = time.perf_counter()
-        with aligned(model, **setting):
+    for key in [k for k, on in (("mc", cfg.mc_samples), ("exact", cfg.align == "exact")) if on]:
+        start = time.perf_counter()  # accuracy and cost of each alignment (Table 4)
+        with aligned(model, **settings[key]):
             results[f"test_acc_{key}"] = evaluate(model, data, cfg)[1]
         seconds[key] = time.perf_counter() - start
     results.update(eval_time_s=seconds, cls_attention_entropy=entropy_per_layer(model, data, cfg))
@@ -408,75 +352,122 @@ def paper_evaluations(model, data, cfg, plain_seconds):
     return results
 
 
-# ----------------------------------------------------------------------------- train
+# ----------------------------------------------------------------------------- the run folder
 
-def train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progress):
-    """One pass over the shuffled training split; returns the epoch's statistics and the next step."""
-    model.train()
-    images, labels = data["train"]
-    n, bs = len(images), cfg.batch_size
-    steps_per_epoch = math.ceil(n / bs)
-    order = torch.randperm(n, device=images.device, generator=generator)
-    loss_sum, correct = torch.zeros((), device=images.device), torch.zeros((), device=images.device)
-    losses = torch.zeros(steps_per_epoch, device=images.device)            # checked once, after the epoch
-    start = time.perf_counter()
-    bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
-    for i in bar:
-        idx = order[i * bs:(i + 1) * bs]
-        x, y = normalize(augment(images[idx], generator), data), labels[idx]
-        lr = get_lr(step, cfg, steps_per_epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with autocast(x.device):
-            logits = model(x).float()                                       # (B, classes)
-        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        losses[i] = loss.detach()                                           # no host sync per step
-        loss_sum += loss.detach() * len(idx)
-        correct += (logits.argmax(1) == y).sum()
-        if progress:
-            seen = min(n, (i + 1) * bs)
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
-                            img_s=f"{seen / (time.perf_counter() - start):.0f}")
-    check_finite(model, losses, cfg, epoch)
-    seconds = time.perf_counter() - start
-    return dict(lr=lr, train_loss=loss_sum.item() / n, train_acc=correct.item() / n,
-                images=n, time_s=seconds, images_per_s=n / seconds), step
+def train(cfg, checkpoint, progress):
+    """Train, then fine-tune, from scratch or from `checkpoint`, committing the run folder after every epoch.
 
-
-class Diverged(Exception):
-    """A non-finite loss or weight; main prints it as one line and exits with status 1."""
-
-
-def check_finite(model, losses, cfg, epoch):
-    """Raise Diverged at the epoch's first non-finite loss, or if its last update left a non-finite weight.
-
-    One host sync per epoch instead of one per step; the epoch is never
-    committed, so the run folder keeps the last finite checkpoint.
+    The commit is one file: checkpoint.pt holds weights, optimizer, step, every
+    random generator's state, the history of epochs and the paper's
+    evaluations. log.jsonl and metrics.json are derived from it, written after
+    it and rewritten from it on every start, so they are never ahead of it and
+    `finished: true` means all three are final. A run killed at any point
+    resumes from its last checkpoint and ends with the folder of an
+    uninterrupted run.
     """
-    bad_loss = ~torch.isfinite(losses)                                      # (steps,)
-    bad_weights = ~torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
-    if bad_loss.any() or bad_weights:
-        i = int(bad_loss.nonzero()[0]) if bad_loss.any() else len(losses) - 1
-        what = f"the loss is {losses[i].item()}" if bad_loss.any() else "its update made a weight non-finite"
-        kept = (f"{cfg.out} keeps the checkpoint of epoch {epoch}, the last finite one" if epoch
-                else "no checkpoint was written")
-        flag, lr = ("--lr", cfg.lr) if epoch < cfg.epochs else ("--finetune-lr", cfg.finetune_lr)
-        raise Diverged(f"training diverged in epoch {epoch + 1}, step {i + 1} of {len(losses)}: {what}; "
-                       f"{kept}; try a smaller {flag} (this run: {lr:g})")
+    device = torch.device(cfg.device)
+    data = load_data(cfg, device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data["classes"]).to(device)
+    trained = torch.compile(model, fullgraph=True) if cfg.compile else model  # evaluations stay eager
+    optimizer = build_optimizer(model, cfg)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and augmentation
+    start, step, history, results = 0, 0, [], {}
+    for name in os.listdir(cfg.out):  # left by a run that died writing; this process holds the folder's lock
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(cfg.out, name))
+    if checkpoint is not None:  # everything that decides what happens next, the random states included
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])      # moves the moments to the parameters' device
+        start, step, history, results, rng = (checkpoint[k] for k in ("epoch", "step", "history", "results", "rng"))
+        torch.set_rng_state(rng["cpu"])
+        if checkpoint["config"]["device"] == device.type:
+            generator.set_state(rng["data"])
+            if device.type in ("cuda", "mps"):
+                getattr(torch, device.type).set_rng_state(rng[device.type])
+        else:  # a generator's state is specific to its device type
+            print(f"resuming a {checkpoint['config']['device']} run on {device.type}: weights, optimizer, step, "
+                  f"history and the CPU random state are restored; batch order, augmentation and {device.type} "
+                  f"random numbers start again from --seed {cfg.seed}, so the run no longer matches an "
+                  f"uninterrupted one bit for bit")
+        write_results(cfg, history, results, model, device)               # as of the checkpoint
+    total = cfg.epochs + cfg.finetune_epochs
+    if start == total:
+        return print(f"{cfg.out} has finished all {total} epochs; log.jsonl and metrics.json are complete")
+    print(f"{cfg.dataset}: {len(data['train'][0])} train / {len(data['test'][0])} test images on {device}; "
+          f"{cfg.mode}, layer drop ratios {[round(r, 3) for r in model.layer_ratios]}; run folder {cfg.out}")
+    print(" ".join(f"{name:>{width}}" for name, width, _ in COLUMNS))
+    for epoch in range(start, total):
+        stage = "train" if epoch < cfg.epochs else "finetune"
+        for block in model.blocks:  # Align Expectation by fine-tuning without attention dropout (Sec. 3.2)
+            block.attn.mode = cfg.mode if stage == "train" else "none"
+        try:
+            stats, step = train_one_epoch(trained, optimizer, data, cfg, epoch, step, generator, progress)
+        except torch._dynamo.exc.TorchDynamoException as e:  # raised by --compile only, at its first step
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DataError(f"--compile: torch.compile could not compile the model ({reason}); run "
+                            f"without --compile") from None
+        start_eval = time.perf_counter()
+        test_loss, test_acc = evaluate(model, data, cfg)
+        history.append(dict(epoch=epoch + 1, stage=stage, **stats, test_loss=test_loss, test_acc=test_acc,
+                            eval_s=time.perf_counter() - start_eval))
+        print(" ".join(f"{history[-1][name]:>{width}{fmt}}" for name, width, fmt in COLUMNS), flush=True)
+        if epoch + 1 == cfg.epochs:
+            results = paper_evaluations(model, data, cfg, plain_seconds=history[-1]["eval_s"])
+        rng = {"cpu": torch.get_rng_state(), "data": generator.get_state()}  # uint8 tensors: weights_only loads them
+        if device.type in ("cuda", "mps"):
+            rng[device.type] = getattr(torch, device.type).get_rng_state()
+        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), config=vars(cfg),
+                     epoch=epoch + 1, step=step, history=history, results=results, rng=rng)
+        buffer = io.BytesIO()  # serialised in memory, so that a full disk is a plain OSError in atomic_save
+        torch.save(dict(state, sha256=checksum(state)), buffer)
+        atomic_save(os.path.join(cfg.out, "checkpoint.pt"), buffer.getvalue())  # the commit
+        metrics = write_results(cfg, history, results, model, device)
+    print(to_json({k: round(v, 4) for k, v in metrics.items() if k.startswith("test_acc")}))
 
 
-def atomic_save(path, write, binary=False):
-    """Write through path.tmp, then os.replace: neither a reader nor a crash ever sees a half-written file.
+COLUMNS = [("epoch", 5, "d"), ("stage", 8, "s"), ("lr", 8, ".1e"), ("train_loss", 10, ".4f"),
+           ("train_acc", 9, ".4f"), ("test_loss", 9, ".4f"), ("test_acc", 8, ".4f"),
+           ("images_per_s", 12, ".0f"), ("time_s", 7, ".1f")]
+
+
+def write_results(cfg, history, results, model, device):
+    """log.jsonl, then metrics.json (last epoch of each stage, evaluations, speed, config), as of `history`."""
+    atomic_save(os.path.join(cfg.out, "log.jsonl"), "".join(to_json(r) + "\n" for r in history))
+    trained = [r for r in history if r["stage"] == "train"]
+    finetuned = [r for r in history if r["stage"] == "finetune"]
+    seconds = sum(r["time_s"] for r in history)
+    metrics = {k: trained[-1][k] for k in ("test_acc", "test_loss", "train_acc", "train_loss")}
+    if finetuned:
+        metrics["test_acc_finetuned"] = finetuned[-1]["test_acc"]
+    metrics.update(results, epochs_done=len(history), finished=len(history) == cfg.epochs + cfg.finetune_epochs,
+                   train_time_s=seconds, images_per_s=sum(r["images"] for r in history) / seconds,
+                   params=sum(p.numel() for p in model.parameters()), layer_ratios=model.layer_ratios,
+                   config=vars(cfg), torch=torch.__version__,
+                   device=f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type)
+    atomic_save(os.path.join(cfg.out, "metrics.json"), to_json(metrics, indent=2))
+    return metrics
+
+
+def to_json(value, **kwargs):
+    """Strict JSON (no NaN or Infinity tokens, which strict parsers reject): a non-finite number becomes null."""
+    def finite(v):
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    return json.dumps(finite(value), allow_nan=False, **kwargs)
+
+
+def atomic_save(path, data):
+    """Write `data` (str or bytes) to path.tmp, then os.replace it: no reader and no crash sees half a file.
 
     A failed write (full or read-only disk) removes path.tmp and becomes one DataError line.
     """
     try:
-        with open(path + ".tmp", "wb" if binary else "w") as f:
-            write(f)
+        with open(path + ".tmp", "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
@@ -533,122 +524,140 @@ def load_checkpoint(path):
     return checkpoint
 
 
-def to_json(value, **kwargs):
-    """Strict JSON (no NaN or Infinity tokens, which strict parsers reject): a non-finite number becomes null."""
-    def finite(v):
-        if isinstance(v, dict):
-            return {k: finite(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [finite(x) for x in v]
-        return None if isinstance(v, float) and not math.isfinite(v) else v
-    return json.dumps(finite(value), allow_nan=False, **kwargs)
+@contextlib.contextmanager
+def locked(out):
+    """Hold an exclusive flock on out/.lock: one writer per run folder.
 
-
-COLUMNS = [("epoch", 5, "d"), ("stage", 8, "s"), ("lr", 8, ".1e"), ("train_loss", 10, ".4f"),
-           ("train_acc", 9, ".4f"), ("test_loss", 9, ".4f"), ("test_acc", 8, ".4f"),
-           ("images_per_s", 12, ".0f"), ("time_s", 7, ".1f")]
-
-
-def write_metrics(cfg, history, results, model, device, done):
-    """metrics.json: the last epoch of each stage, the paper's evaluations, speed, config and versions."""
-    trained = [r for r in history if r["stage"] == "train"]
-    finetuned = [r for r in history if r["stage"] == "finetune"]
-    seconds = sum(r["time_s"] for r in history)
-    metrics = {k: trained[-1][k] for k in ("test_acc", "test_loss", "train_acc", "train_loss")}
-    if finetuned:
-        metrics["test_acc_finetuned"] = finetuned[-1]["test_acc"]
-    metrics.update(results, epochs_done=len(history), finished=done, train_time_s=seconds,
-                   images_per_s=sum(r["images"] for r in history) / seconds,
-                   params=sum(p.numel() for p in model.parameters()), layer_ratios=model.layer_ratios,
-                   config=vars(cfg), torch=torch.__version__,
-                   device=f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type)
-    atomic_save(os.path.join(cfg.out, "metrics.json"), lambda f: f.write(to_json(metrics, indent=2)))
-    return metrics
-
-
-def commit(cfg, state, model, device):
-    """Replace the run's three files after an epoch: checkpoint.pt, then log.jsonl, then metrics.json.
-
-    Each replacement is atomic, but three files cannot change as one, and the
-    contract is three plain files (a manifest or a folder per epoch would make
-    every reader follow a pointer). So the order does the work: the checkpoint,
-    which holds the whole history and the paper's evaluations, is the commit
-    that --resume trusts; the other two are derived from it and written after
-    it, so they are never ahead of it, and `finished: true` in metrics.json
-    means all three are final. A run killed in between leaves them one epoch
-    behind; --resume rewrites both from the checkpoint (repair) and trains on,
-    ending with the folder of an uninterrupted run.
+    The OS releases an flock when its process ends, however it ends (kill -9
+    included), so a killed run's lock never blocks its --resume. The file stays:
+    deleting it would let two processes lock two different files.
     """
-    buffer = io.BytesIO()   # serialised in memory, so a full disk raises a plain OSError in atomic_save
-    torch.save(dict(state, sha256=checksum(state)), buffer)
-    atomic_save(os.path.join(cfg.out, "checkpoint.pt"), lambda f: f.write(buffer.getbuffer()), binary=True)
-    return write_results(cfg, state["history"], state["results"], model, device)
+    with open(os.path.join(out, ".lock"), "a") as f:
+        try:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"{out} is in use by another train_cifar.py process; wait for it to end, "
+                            f"or choose another --out") from None
+        yield
 
 
-def write_results(cfg, history, results, model, device):
-    """log.jsonl and metrics.json as of the last epoch in `history` (also the repair of a resumed run)."""
-    atomic_save(os.path.join(cfg.out, "log.jsonl"), lambda f: f.writelines(to_json(r) + "\n" for r in history))
-    done = len(history) == cfg.epochs + cfg.finetune_epochs
-    return write_metrics(cfg, history, results, model, device, done=done)
+# ----------------------------------------------------------------------------- the CIFAR files
+
+DOWNLOAD_DEADLINE_S = 3600  # the whole tarball; each read also waits at most 60 s
 
 
-def train(cfg, checkpoint, progress):
-    """Train, then fine-tune, from scratch or from `checkpoint`; every epoch rewrites the run's three files."""
-    device = torch.device(cfg.device)
-    data = load_data(cfg, device)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data["classes"]).to(device)
-    optimizer = build_optimizer(model, cfg)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and augmentation
-    start, step, history, results = 0, 0, [], {}
-    os.makedirs(cfg.out, exist_ok=True)
-    for name in os.listdir(cfg.out):  # left by a run that died writing; this process holds the folder's lock
-        if name.endswith(".tmp"):
-            os.remove(os.path.join(cfg.out, name))
-    if checkpoint is not None:  # everything that decides what happens next, the RNG states included
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])      # moves the moments to the parameters' device
-        start, step, history, results, rng = (checkpoint[k] for k in ("epoch", "step", "history", "results", "rng"))
-        torch.set_rng_state(rng["cpu"])
-        saved_on = checkpoint["config"]["device"]
-        if saved_on == device.type:
-            generator.set_state(rng["data"])
-            if device.type in ("cuda", "mps"):
-                getattr(torch, device.type).set_rng_state(rng[device.type])
-        else:  # a generator's state is specific to its device type
-            print(f"resuming a {saved_on} run on {device.type}: weights, optimizer, step, history and the CPU "
-                  f"random state are restored; batch order, augmentation and {device.type} random numbers start "
-                  f"again from --seed {cfg.seed}, so the run no longer matches an uninterrupted one bit for bit")
-        write_results(cfg, history, results, model, device)               # repair, see commit()
-    total = cfg.epochs + cfg.finetune_epochs
-    if start == total:
-        print(f"{cfg.out} has finished all {total} epochs; log.jsonl and metrics.json are complete")
-        return
-    print(f"{cfg.dataset}: {len(data['train'][0])} train / {len(data['test'][0])} test images on {device}; "
-          f"{cfg.mode}, layer drop ratios {[round(r, 3) for r in model.layer_ratios]}; run folder {cfg.out}")
-    print(" ".join(f"{name:>{width}}" for name, width, _ in COLUMNS))
-    for epoch in range(start, total):
-        stage = "train" if epoch < cfg.epochs else "finetune"
-        for block in model.blocks:  # Align Expectation by fine-tuning without attention dropout (Sec. 3.2)
-            block.attn.mode = cfg.mode if stage == "train" else "none"
-        stats, step = train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progress)
-        start_eval = time.perf_counter()
-        test_loss, test_acc = evaluate(model, data, cfg)
-        history.append(dict(epoch=epoch + 1, stage=stage, **stats, test_loss=test_loss, test_acc=test_acc,
-                            eval_s=time.perf_counter() - start_eval))
-        print(" ".join(f"{history[-1][name]:>{width}{fmt}}" for name, width, fmt in COLUMNS), flush=True)
-        if epoch + 1 == cfg.epochs:
-            results = paper_evaluations(model, data, cfg, plain_seconds=history[-1]["eval_s"])
-        rng = {"cpu": torch.get_rng_state(), "data": generator.get_state()}  # uint8 tensors: weights_only loads them
-        if device.type in ("cuda", "mps"):
-            rng[device.type] = getattr(torch, device.type).get_rng_state()
-        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), config=vars(cfg),
-                     epoch=epoch + 1, step=step, history=history, results=results, rng=rng)
-        metrics = commit(cfg, state, model, device)
-    print(to_json({k: round(v, 4) for k, v in metrics.items() if k.startswith("test_acc")}))
+def ensure_cifar(spec, data_dir):
+    """The extracted CIFAR folder; if missing, download the tarball (unless present), check its md5, extract.
+
+    A tarball with another md5 is renamed to *.bad, never trusted again. The
+    extraction goes into a temporary folder that is renamed into place once
+    complete, with tarfile's "data" filter: no absolute paths, no links out of
+    it, no devices.
+    """
+    folder = os.path.join(data_dir, spec["folder"])
+    if os.path.isdir(folder):
+        return folder
+    os.makedirs(data_dir, exist_ok=True)
+    tarball = os.path.join(data_dir, os.path.basename(spec["url"]))
+    if not os.path.exists(tarball):
+        download(spec["url"], tarball)
+    with open(tarball, "rb") as f:
+        md5 = hashlib.file_digest(f, "md5").hexdigest()
+    if md5 != spec["md5"]:
+        os.replace(tarball, tarball + ".bad")
+        raise DataError(f"{tarball} has md5 {md5}, expected {spec['md5']} (truncated or not the official "
+                        f"file); moved it to {tarball}.bad. Run again, or place the official tarball there")
+    tmp = tempfile.mkdtemp(prefix=".extract-", dir=data_dir)
+    try:
+        with tarfile.open(tarball) as tar:
+            tar.extractall(tmp, filter="data")
+        if not os.path.isdir(os.path.join(tmp, spec["folder"])):
+            raise DataError(f"{tarball} has no {spec['folder']}/ inside; delete it and run again")
+        os.replace(os.path.join(tmp, spec["folder"]), folder)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"could not extract {tarball} ({e}); delete it and run again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
-# ----------------------------------------------------------------------------- summarize
+def download(url, path):
+    """Stream `url` into path.part with a progress bar, then rename it: an interrupted download never looks complete.
+
+    A .part left by an earlier attempt is continued with an HTTP Range request
+    where the server allows it (it answers 206), else started over. A server
+    that trickles bytes is cut off after DOWNLOAD_DEADLINE_S seconds in all.
+    """
+    part, deadline = path + ".part", time.monotonic() + DOWNLOAD_DEADLINE_S
+    done = os.path.getsize(part) if os.path.exists(part) else 0
+    print(f"downloading {url} -> {path}" + (f", continuing after {done} bytes" if done else ""), file=sys.stderr)
+    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            done = done if response.status == 206 else 0                    # 200: the whole file again
+            size = response.headers.get("Content-Length")
+            with open(part, "ab" if done else "wb") as f, \
+                    tqdm(total=done + int(size) if size else None, initial=done, unit="B", unit_scale=True,
+                         unit_divisor=1024, desc="download", mininterval=1) as bar:
+                while chunk := response.read1(1 << 16):                     # returns what has arrived
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"not complete after {DOWNLOAD_DEADLINE_S} s")
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            if bar.total and bar.n < bar.total:
+                raise ConnectionError(f"cut off after {bar.n} of {bar.total} bytes")
+    except (OSError, ValueError, http.client.HTTPException) as e:  # offline, refused, timed out, cut off, disk full
+        if isinstance(e, urllib.error.HTTPError) or getattr(e, "errno", None) == errno.ENOSPC:
+            with contextlib.suppress(OSError):                              # nothing worth continuing
+                os.remove(part)
+        raise DataError(f"could not download {url} ({e}); run again to continue it, or offline put "
+                        f"{os.path.basename(path)} into {os.path.dirname(path) or '.'} yourself, "
+                        f"or try --dataset synthetic") from None
+    os.replace(part, path)
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what the official CIFAR files hold.
+
+    They are Python 2 pickles of a dict of byte strings, ints, lists and one
+    uint8 array; the only globals they name are numpy's array reconstruction.
+    A plain pickle.load calls whatever global a file names (os.system,
+    builtins.open, ...), so every other name is refused before it is called.
+    """
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+               ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused {module}.{name}: official CIFAR files never name it, "
+                                         f"and unpickling it could run code")
+        return self.ALLOWED[(module, name)]
+
+
+def read_batch(path, spec):
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from one official CIFAR batch file."""
+    folder = os.path.dirname(path)
+    try:
+        with open(path, "rb") as f:
+            batch = CifarUnpickler(f, encoding="bytes").load()   # Python 2 str -> bytes
+        data, labels = batch[b"data"], np.asarray(batch[spec["label_key"]], dtype=np.int64)
+    except FileNotFoundError:
+        raise DataError(f"missing {path}; delete {folder} and run again to extract it anew") from None
+    except Exception as e:  # truncated, foreign or hostile: all mean "not an official batch file"
+        raise DataError(f"{path} is not a valid CIFAR batch file ({type(e).__name__}: {e}); "
+                        f"delete {folder} and run again") from None
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+            and data.shape[1] == 3072 and labels.shape == (len(data),)
+            and (labels.size == 0 or 0 <= labels.min() <= labels.max() < spec["classes"])):
+        raise DataError(f"{path}: expected b'data', uint8 N x 3072, and N labels below {spec['classes']}; "
+                        f"delete {folder} and run again")
+    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())  # rows: 1024 red, 1024 green, 1024 blue
+    return images, torch.from_numpy(labels)
+
+
+# ----------------------------------------------------------------------------- --summarize
 
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
@@ -674,9 +683,9 @@ def summarize(folders, baseline=None):
         try:
             with open(os.path.join(folder, "metrics.json")) as f:
                 m = json.load(f)
-            config = dict(m["config"])
+            config = {k: v for k, v in m["config"].items() if k != "out"}
             seed = config.pop("seed")
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise DataError(f"{folder} holds no readable metrics.json of a run ({type(e).__name__}: {e})") from None
         if not m.get("finished"):
             left_out.append(folder)
@@ -687,7 +696,6 @@ def summarize(folders, baseline=None):
         for train_key in ("train_acc", "train_acc_eval"):
             if train_key in values and "test_acc" in values:
                 values[f"{train_key} - test_acc"] = values[train_key] - values["test_acc"]
-        config.pop("out", None)
         runs = groups.setdefault(json.dumps(config, sort_keys=True), {})
         if seed in runs:
             raise DataError(f"{folder} repeats seed {seed} of a configuration; give each seed one run folder")
@@ -701,15 +709,14 @@ def summarize(folders, baseline=None):
     metrics = list(dict.fromkeys(k for runs in groups for v in runs.values() for k in v))
     values = {k: [np.array([v[k] for v in runs.values() if k in v]) for runs in groups] for k in metrics}
     decimals = {k: 4 if max(abs(c.mean()) for c in values[k] if len(c)) < 10 else 1 for k in metrics}
+    table = lambda head, rows: ["", f"| metric | {' | '.join(head)} |", "|---" * (len(head) + 1) + "|"] + [
+        f"| {k} | {' | '.join(cells)} |" for k, cells in rows]
     lines = [f"{sum(map(len, groups))} runs in {len(groups)} configurations; common to all: "
              + ", ".join(f"{k}={configs[0][k]}" for k in keys if k not in differ) + "."]
-    if left_out:
-        lines.append("Left out, not finished: " + ", ".join(left_out) + ".")
-    lines += ["", "| metric | " + " | ".join(f"{n} (n={len(r)})" for n, r in zip(names, groups)) + " |",
-              "|---" * (len(groups) + 1) + "|"]
-    for k in metrics:
-        lines.append(f"| {k} | " + " | ".join("—" if not len(c) else f"{c.mean():.{decimals[k]}f}" + (
-            f" ± {c.std(ddof=1):.{decimals[k]}f}" if len(c) > 1 else "") for c in values[k]) + " |")
+    lines += ["Left out, not finished: " + ", ".join(left_out) + "."] if left_out else []
+    lines += table([f"{n} (n={len(r)})" for n, r in zip(names, groups)], [(k, [
+        f"{c.mean():.{decimals[k]}f}" + (f" ± {c.std(ddof=1):.{decimals[k]}f}" if len(c) > 1 else "")
+        if len(c) else "—" for c in values[k]]) for k in metrics])
     if baseline is None:
         return "\n".join(lines)
     want = dict(item.partition("=")[::2] for item in baseline.split(","))
@@ -718,24 +725,22 @@ def summarize(folders, baseline=None):
         raise DataError(f"--baseline {baseline} matches {len(matches)} configurations, not 1; they are: "
                         + "; ".join(names))
     base, others = groups[matches[0]], [i for i in range(len(groups)) if i != matches[0]]
+
+    def paired(k, runs):
+        d = np.array([runs[s][k] - base[s][k] for s in sorted(runs) if s in base and k in runs[s] and k in base[s]])
+        p = decimals[k]
+        if len(d) < 2:
+            return f"{d[0]:+.{p}f} (1 seed)" if len(d) else "no shared seed"
+        mean, half = d.mean(), t_975(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+        agree = int((np.sign(d) == np.sign(mean)).sum()) if mean else 0
+        return f"{mean:+.{p}f} [{mean - half:.{p}f}, {mean + half:.{p}f}], {agree} of {len(d)}"
     lines += ["", f"Each configuration minus {names[matches[0]]}, paired by seed: mean difference [95% paired-t "
-              "interval], seeds whose difference has the sign of the mean (a zero counts against).", "",
-              "| metric | " + " | ".join(names[i] for i in others) + " |", "|---" * (len(others) + 1) + "|"]
-    for k in metrics:
-        cells, p = [], decimals[k]
-        for runs in (groups[i] for i in others):
-            d = np.array([runs[s][k] - base[s][k] for s in sorted(runs) if s in base and k in runs[s] and k in base[s]])
-            if len(d) < 2:
-                cells.append(f"{d[0]:+.{p}f} (1 seed)" if len(d) else "no shared seed")
-                continue
-            mean, half = d.mean(), t_975(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-            agree = int((np.sign(d) == np.sign(mean)).sum()) if mean else 0
-            cells.append(f"{mean:+.{p}f} [{mean - half:.{p}f}, {mean + half:.{p}f}], {agree} of {len(d)}")
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+              "interval], seeds whose difference has the sign of the mean (a zero counts against)."]
+    lines += table([names[i] for i in others], [(k, [paired(k, groups[i]) for i in others]) for k in metrics])
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- command line
 
 def number(kind, low, high=None, low_open=False):
     """argparse type: a `kind` in [low, high), or (low, high) with low_open."""
@@ -782,6 +787,8 @@ def build_parser():
     add("--label-smoothing", type=number(float, 0.0, 1.0), default=0.1, help="of the training loss")
     add("--seed", type=int, default=0, help="init, batch order, augmentation, masks, synthetic data")
     add("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, mps, else cpu")
+    add("--compile", action="store_true", help="train through torch.compile(model, fullgraph=True); "
+        "evaluations stay eager")
     add("--finetune-epochs", type=number(int, 0), default=0,
         help="then fine-tune without attention dropout (Align Expectation, Table 4)")
     add("--finetune-lr", type=positive, default=1e-5, help="constant lr of the fine-tune (Sec. 4.1)")
@@ -800,7 +807,7 @@ def build_parser():
     return p
 
 
-RUNTIME_FLAGS = ("out", "resume", "progress", "dry_run", "summarize", "baseline")  # not saved as part of a run's configuration
+RUNTIME_FLAGS = ("out", "resume", "progress", "dry_run", "summarize", "baseline")  # not part of a run's configuration
 
 
 def resolve_device(name):
@@ -829,7 +836,7 @@ def resolve_config(args, parser, argv=None):
         parser.error(f"--resume continues in its own folder {args.resume}; drop --out (to branch a run, "
                      f"copy its folder and resume the copy)")
     checkpoint = load_checkpoint(os.path.join(args.resume, "checkpoint.pt"))
-    saved = checkpoint["config"]
+    saved = {"label_noise": 0.0, "compile": False, **checkpoint["config"]}  # runs saved before these flags
     for key, value in given.items():
         if key not in RUNTIME_FLAGS + ("device",) and value != saved.get(key):
             parser.error(f"--resume continues with the saved configuration; drop --{key.replace('_', '-')} "
@@ -866,33 +873,12 @@ def check_config(cfg, parser):
         check_writable(cfg.data_dir, "--data-dir", parser)                # it will download and extract there
     try:
         model = build_model(cfg, 100 if cfg.dataset == "cifar100" else 10).eval()
-    except ValueError as e:
-        parser.error(str(e))
-    if cfg.align == "exact":
-        try:  # one forward pass finds what the model refuses, e.g. exact alignment of a structured mode
+        if cfg.align == "exact":  # one forward pass finds what the model refuses, e.g. a structured mode
             with torch.no_grad(), aligned(model, align="exact"):
                 model(torch.zeros(1, 3, 32, 32))
-        except ValueError as e:
-            parser.error(str(e))
+    except ValueError as e:
+        parser.error(str(e))
     return model
-
-
-@contextlib.contextmanager
-def locked(out):
-    """Hold an exclusive flock on out/.lock: one writer per run folder.
-
-    The OS releases an flock when its process ends, however it ends (kill -9
-    included), so a killed run's lock never blocks its --resume. The file stays:
-    deleting it would let two processes lock two different files.
-    """
-    with open(os.path.join(out, ".lock"), "a") as f:
-        try:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataError(f"{out} is in use by another train_cifar.py process; wait for it to end, "
-                            f"or choose another --out") from None
-        yield
 
 
 def main(argv=None):
@@ -902,17 +888,12 @@ def main(argv=None):
         parser.error("--baseline needs --summarize")
     if args.baseline is not None and not all(k and "=" in k for k in args.baseline.split(",")):
         parser.error(f"--baseline {args.baseline}: expected KEY=VALUE[,KEY=VALUE...], e.g. mode=none")
-    if args.summarize is not None:
-        if args.dry_run:  # checks the flags only: the run folders may not exist yet
-            print(f"dry run: configuration is valid; would summarize {len(args.summarize)} run folders")
-            return
-        try:
-            print(summarize(args.summarize, args.baseline))
-        except DataError as e:
-            sys.exit(f"error: {e}")
-        return
+    if args.summarize is not None and args.dry_run:  # checks the flags only: the run folders may not exist yet
+        return print(f"dry run: configuration is valid; would summarize {len(args.summarize)} run folders")
     cfg = None
     try:
+        if args.summarize is not None:
+            return print(summarize(args.summarize, args.baseline))
         with contextlib.ExitStack() as held:  # the run folder's lock, released when main ends
             if args.resume is not None and not args.dry_run:  # locked before its checkpoint is read
                 if not os.path.isdir(args.resume):
@@ -920,17 +901,16 @@ def main(argv=None):
                 held.enter_context(locked(args.resume))
             cfg, checkpoint = resolve_config(args, parser, argv)
             model = check_config(cfg, parser)
-            if checkpoint is None:
-                if not args.dry_run:  # creates and locks the folder before any data is read
-                    os.makedirs(cfg.out, exist_ok=True)
-                    held.enter_context(locked(cfg.out))
-                if os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
-                    parser.error(f"{cfg.out} already holds a run; continue it with --resume {cfg.out}, "
-                                 f"or choose another --out")
+            if checkpoint is None and not args.dry_run:  # creates and locks the folder before any data is read
+                os.makedirs(cfg.out, exist_ok=True)
+                held.enter_context(locked(cfg.out))
+            if checkpoint is None and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
+                parser.error(f"{cfg.out} already holds a run; continue it with --resume {cfg.out}, "
+                             f"or choose another --out")
             if args.dry_run:
-                print(f"dry run: configuration is valid; {sum(p.numel() for p in model.parameters())} parameters, "
-                      f"layer drop ratios {[round(r, 3) for r in model.layer_ratios]}, run folder {cfg.out}")
-                return
+                return print(f"dry run: configuration is valid; {sum(p.numel() for p in model.parameters())} "
+                             f"parameters, layer drop ratios {[round(r, 3) for r in model.layer_ratios]}, "
+                             f"run folder {cfg.out}")
             train(cfg, checkpoint, progress=args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
     except (DataError, Diverged) as e:
         sys.exit(f"error: {e}")
