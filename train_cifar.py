@@ -1,15 +1,10 @@
 """Train a ViT with any attention-dropout mode on CIFAR-10/100 or synthetic data; run the paper's evaluations.
 
-Li et al., "DropKey for Vision Transformer", CVPR 2023, Sec. 4.1: each CIFAR
-experiment is one command: schedules (Table 1), structured drops (Table 2),
-occlusion (Table 3), expectation alignment (Table 4), class-token entropy
-(Fig. 4), attention maps (Fig. 5). The README's "Train" section lists them.
-
-Reading order: data (a synthetic set, crop + flip on whole batches) -> model
-and optimizer -> lr schedule -> one training epoch -> the paper's evaluations
--> the run folder (the loop over epochs; one checkpoint per epoch is its
-commit, log.jsonl and metrics.json are derived from it) -> the CIFAR files
-(download, md5, a restricted unpickler) -> --summarize -> command line.
+Li et al., "DropKey for Vision Transformer", CVPR 2023, Sec. 4.1: schedules (Table 1), structured drops
+(Table 2), occlusion (Table 3), expectation alignment (Table 4), class-token entropy (Fig. 4), attention maps
+(Fig. 5), each one command (README, "Train"). Reading order: data -> model and optimizer -> lr schedule ->
+one training epoch -> the paper's evaluations -> the run folder (the loop over epochs, one checkpoint per
+epoch as its commit) -> the CIFAR files (download, md5, a restricted unpickler) -> --summarize -> command line.
 """
 import argparse
 import contextlib
@@ -64,46 +59,39 @@ SYNTHETIC = dict(train=10000, test=2000, classes=10,  # mean and std measured on
 
 
 class DataError(Exception):
-    """A problem with files, the download or the run folder; main prints it as one line, without a traceback."""
+    """A problem with the data, the run folder or training; main prints it as one line, without a traceback."""
 
 
 def load_data(cfg, device):
     """Both splits as uint8 images and int64 labels on `device`, plus the class count, mean and std."""
-    limit = {"train": cfg.limit_train, "test": cfg.limit_test}
     spec = SYNTHETIC if cfg.dataset == "synthetic" else CIFAR[cfg.dataset]
-    if cfg.dataset == "synthetic":
-        splits = {s: synthetic(min(limit[s] or spec[s], spec[s]), cfg.seed, s) for s in ("train", "test")}
-    else:
-        folder, splits = ensure_cifar(spec, cfg.data_dir), {}  # downloaded and checked if missing (see below)
-        for s in ("train", "test"):
-            batches = [read_batch(os.path.join(folder, name), spec) for name in spec[s]]
-            splits[s] = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
-            if len(splits[s][0]) == 0:
+    data, limit = dict(classes=spec["classes"]), dict(train=cfg.limit_train, test=cfg.limit_test)
+    for s in ("train", "test"):
+        if cfg.dataset == "synthetic":
+            x, y = synthetic(min(limit[s] or spec[s], spec[s]), cfg.seed, s)
+        else:  # downloaded and checked where missing (the CIFAR files, below)
+            folder = ensure_cifar(spec, cfg.data_dir)
+            x, y = map(torch.cat, zip(*[read_batch(os.path.join(folder, name), spec) for name in spec[s]]))
+            if len(x) == 0:
                 raise DataError(f"the {s} files in {folder} hold no images; delete {folder} and run again")
-    data = {s: (x[:limit[s]].to(device), y[:limit[s]].to(device)) for s, (x, y) in splits.items()}
-    noise = getattr(cfg, "label_noise", 0.0)  # configurations saved before --label-noise existed had none
-    if noise:
-        data["train"] = (data["train"][0], noisy_labels(data["train"][1], noise, spec["classes"], cfg.seed))
-    stats = {k: torch.tensor(spec[k], device=device).view(1, 3, 1, 1) for k in ("mean", "std")}
-    return dict(data, classes=spec["classes"], **stats)
+        data[s] = (x[:limit[s]].to(device), y[:limit[s]].to(device))
+    if getattr(cfg, "label_noise", 0.0):  # training labels only: the test split stays clean
+        data["train"] = (data["train"][0], noisy_labels(data["train"][1], cfg.label_noise, spec["classes"], cfg.seed))
+    return dict(data, **{k: torch.tensor(spec[k], device=device).view(1, 3, 1, 1) for k in ("mean", "std")})
 
 
 def synthetic(n, seed, split="train", chunk=1000):
     """`n` procedurally generated 32x32 RGB images (uint8, (n, 3, 32, 32)) and labels in 0..9.
 
-    Each image is a bright textured disc on a dark, noisy ground. The class is
-    the texture: stripes at 0, +-30, +-60 or 90 degrees, or a plaid, with a
-    period of 5 (classes 0-4) or 10 pixels (5-9). The angle's sign is random,
-    so a horizontal flip keeps the class; place, size, phase and colours are
-    random, so the mean colour says nothing about the class: a model has to
-    find the disc and read its texture. Chunk c comes from its own seed
-    (seed, split, c), so the first k images do not depend on n.
+    A bright textured disc on a dark, noisy ground; the class is the texture: stripes at 0, +-30, +-60 or 90
+    degrees (the sign random, so a flip keeps the class) or a plaid, period 5 (classes 0-4) or 10 pixels.
+    Place, size, phase and colours are random, so a model has to find the disc and read its texture. Chunk c
+    has its own seed (seed, split, c): the first k images do not depend on n.
     """
     images, labels = [], []
     y, x = torch.meshgrid(torch.arange(32.0) + 0.5, torch.arange(32.0) + 0.5, indexing="ij")  # (32, 32)
     for c in range(math.ceil(n / chunk)):
-        chunk_seed = np.random.SeedSequence([seed, split == "test", c]).generate_state(1)[0]
-        g = torch.Generator().manual_seed(int(chunk_seed))
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, split == "test", c]).generate_state(1)[0]))
         uniform = lambda low, high, *shape: low + (high - low) * torch.rand(chunk, *shape, generator=g)
         label = torch.randint(0, 10, (chunk,), generator=g)
         kind = (label % 5).view(chunk, 1, 1)                                 # 0..3 stripes, 4 plaid
@@ -115,10 +103,9 @@ def synthetic(n, seed, split="train", chunk=1000):
         plaid = kind.view(-1) == 4
         f, ph = freq[plaid], phase[plaid]
         wave[plaid] = 0.5 * (torch.cos(f * x + ph) + torch.cos(f * y + 1.7 * ph))  # vertical + horizontal
-        texture = 0.5 + 0.5 * wave                                          # in [0, 1]
         radius, cy, cx = uniform(11, 16, 1, 1), uniform(8, 24, 1, 1), uniform(8, 24, 1, 1)
         disc = ((y - cy) ** 2 + (x - cx) ** 2 < radius ** 2).float()        # (chunk, 32, 32)
-        mix = (disc * (0.25 + 0.75 * texture)).unsqueeze(1)                  # (chunk, 1, 32, 32)
+        mix = (disc * (0.25 + 0.75 * (0.5 + 0.5 * wave))).unsqueeze(1)      # (chunk, 1, 32, 32), texture in [0, 1]
         fg, bg = uniform(0.5, 1.0, 3, 1, 1), uniform(0.0, 0.5, 3, 1, 1)      # (chunk, 3, 1, 1)
         image = bg + (fg - bg) * mix + 0.08 * torch.randn(chunk, 3, 32, 32, generator=g)
         images.append((image.clamp(0, 1) * 255).round().to(torch.uint8))
@@ -127,12 +114,9 @@ def synthetic(n, seed, split="train", chunk=1000):
 
 
 def noisy_labels(labels, fraction, classes, seed):
-    """A copy of `labels` in which round(fraction * n) of them, chosen by `seed`, move to another class.
+    """A copy of `labels` with round(fraction * n) of them, chosen by `seed`, moved to a uniform other class.
 
-    The new class is drawn uniformly from the other classes-1. Such labels can
-    only be memorised, never learnt from the images: the README's over-fitting
-    study uses them (--label-noise) to give a regulariser something to do.
-    Only training labels are ever changed; the test split stays clean.
+    Such labels can only be memorised: the over-fitting study (--label-noise) gives a regulariser that to do.
     """
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 2]).generate_state(1)[0]))
     changed = torch.randperm(len(labels), generator=g)[:round(fraction * len(labels))]
@@ -159,8 +143,8 @@ def augment(images, generator):
 def normalize(images, data):
     return (images.float() / 255 - data["mean"]) / data["std"]              # (B, 3, 32, 32)
 
-
 # ----------------------------------------------------------------------------- model and optimizer
+
 
 def build_model(cfg, classes):
     return ViT(image_size=32, patch_size=cfg.patch_size, num_classes=classes, dim=cfg.dim,
@@ -178,8 +162,8 @@ def build_optimizer(model, cfg):
 def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-
 # ----------------------------------------------------------------------------- lr schedule
+
 
 def get_lr(step, cfg, steps_per_epoch):
     """Linear warm-up, cosine decay to 0 at the end of --epochs, then the constant fine-tune lr (Sec. 4.1)."""
@@ -190,8 +174,8 @@ def get_lr(step, cfg, steps_per_epoch):
         return cfg.lr * (step + 1) / warmup
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
-
 # ----------------------------------------------------------------------------- one training epoch
+
 
 PROGRESS_EVERY = 20  # steps between two reads of the running loss and accuracy by the progress bar
 
@@ -199,17 +183,15 @@ PROGRESS_EVERY = 20  # steps between two reads of the running loss and accuracy 
 def train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progress):
     """One pass over the shuffled training split; returns the epoch's statistics and the next step.
 
-    No step waits for the device: losses and correct counts stay in tensors,
-    the progress bar reads them every PROGRESS_EVERY steps (one host sync each
-    time), and check_finite looks at the epoch's losses once, at its end.
+    No step waits for the device: losses and correct counts stay in tensors, the progress bar reads them
+    every PROGRESS_EVERY steps (one host sync), and check_finite looks at the losses once, at the end.
     """
     model.train()
     images, labels = data["train"]
     n, bs, device = len(images), cfg.batch_size, images.device
     steps_per_epoch = math.ceil(n / bs)
     order = torch.randperm(n, device=device, generator=generator)
-    losses = torch.zeros(steps_per_epoch, device=device)                   # (steps,)
-    sums = torch.zeros(2, device=device)                                   # loss * images, correct
+    losses, sums = torch.zeros(steps_per_epoch, device=device), torch.zeros(2, device=device)  # sums: loss, correct
     start = time.perf_counter()
     bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
     for i in bar:
@@ -228,7 +210,7 @@ def train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progres
         losses[i] = loss.detach()
         sums += torch.stack([loss.detach() * len(idx), (logits.argmax(1) == y).sum()])
         if progress and ((i + 1) % PROGRESS_EVERY == 0 or i + 1 == steps_per_epoch):
-            seen, (loss_sum, correct) = min(n, (i + 1) * bs), sums.tolist()    # the one sync of these steps
+            seen, (loss_sum, correct) = min(n, (i + 1) * bs), sums.tolist()
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                             img_s=f"{seen / (time.perf_counter() - start):.0f}")
     check_finite(model, losses, cfg, epoch)
@@ -237,29 +219,23 @@ def train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progres
                 images=n, time_s=seconds, images_per_s=n / seconds), step
 
 
-class Diverged(Exception):
-    """A non-finite loss or weight; main prints it as one line and exits with status 1."""
-
-
 def check_finite(model, losses, cfg, epoch):
-    """Raise Diverged at the epoch's first non-finite loss, or if its last update left a non-finite weight.
+    """Stop at the epoch's first non-finite loss, or if its last update left a non-finite weight.
 
-    One host sync per epoch instead of one per step; the epoch is never
-    committed, so the run folder keeps the last finite checkpoint.
+    The epoch is never committed, so the run folder keeps the last finite checkpoint.
     """
     bad_loss = ~torch.isfinite(losses)                                      # (steps,)
-    bad_weights = ~torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
-    if bad_loss.any() or bad_weights:
+    if bad_loss.any() or not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
         i = int(bad_loss.nonzero()[0]) if bad_loss.any() else len(losses) - 1
         what = f"the loss is {losses[i].item()}" if bad_loss.any() else "its update made a weight non-finite"
-        kept = (f"{cfg.out} keeps the checkpoint of epoch {epoch}, the last finite one" if epoch
-                else "no checkpoint was written")
+        kept = f"{cfg.out} keeps the checkpoint of epoch {epoch}, the last finite one" if epoch else \
+            "no checkpoint was written"
         flag, lr = ("--lr", cfg.lr) if epoch < cfg.epochs else ("--finetune-lr", cfg.finetune_lr)
-        raise Diverged(f"training diverged in epoch {epoch + 1}, step {i + 1} of {len(losses)}: {what}; "
-                       f"{kept}; try a smaller {flag} (this run: {lr:g})")
-
+        raise DataError(f"training diverged in epoch {epoch + 1}, step {i + 1} of {len(losses)}: {what}; "
+                        f"{kept}; try a smaller {flag} (this run: {lr:g})")
 
 # ----------------------------------------------------------------------------- the paper's evaluations
+
 
 @torch.no_grad()
 def evaluate(model, data, cfg, drop_patches=0.0):
@@ -278,8 +254,7 @@ def evaluate(model, data, cfg, drop_patches=0.0):
 @contextlib.contextmanager
 def aligned(model, mc_samples=0, align="none"):
     """Evaluate with Monte-Carlo (`model.mc_samples`) or exact (`model.align`) expectation alignment, then undo."""
-    saved = model.mc_samples, model.align
-    model.mc_samples, model.align = mc_samples, align
+    saved, (model.mc_samples, model.align) = (model.mc_samples, model.align), (mc_samples, align)
     try:
         yield model
     finally:
@@ -288,10 +263,8 @@ def aligned(model, mc_samples=0, align="none"):
 
 @torch.no_grad()
 def entropy_per_layer(model, data, cfg):
-    """Per layer, the class token's attention entropy E = -sum_j p_j log p_j, mean over heads and images (Fig. 4).
-
-    The sum runs over all N keys, the class token's own included: a uniform row gives log N.
-    """
+    """Per layer, the class token's attention entropy -sum_j p_j log p_j over all N keys (log N if uniform),
+    mean over heads and images (Fig. 4)."""
     model.eval()
     images, total = data["test"][0], torch.zeros(len(model.blocks))
     for i in range(0, len(images), cfg.batch_size):
@@ -301,23 +274,14 @@ def entropy_per_layer(model, data, cfg):
     return (total / len(images)).tolist()
 
 
-def occlusion(model, data, cfg, draws=5):
-    """Accuracy with a fraction f of the patches removed before the blocks, mean over 5 draws (Table 3)."""
-    result = {"0.0": evaluate(model, data, cfg)[1]}
-    for f in (0.1, 0.3, 0.5, 0.7, 0.9):
-        result[str(f)] = sum(evaluate(model, data, cfg, drop_patches=f)[1] for _ in range(draws)) / draws
-    return result
-
-
 @torch.no_grad()
 def save_attention_map(model, data, path, count=4):
     """Fig. 5: test images above the last layer's class-token attention on the patch grid, mean over heads."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    model.eval()
     images = data["test"][0][:count]
-    _, attention = model(normalize(images, data), return_attention=True)
+    _, attention = model.eval()(normalize(images, data), return_attention=True)
     maps = attention[-1][:, :, 0, 1:].float().mean(1).reshape(len(images), *model.grid)  # (count, n_h, n_w)
     fig, axes = plt.subplots(2, len(images), figsize=(2 * len(images), 4.2), squeeze=False)
     for i in range(len(images)):
@@ -326,44 +290,47 @@ def save_attention_map(model, data, path, count=4):
     for ax in axes.flat:
         ax.axis("off")
     axes[1, 0].set_title("class-token attention, last layer", fontsize=8, loc="left")
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
+    fig.savefig(png := io.BytesIO(), format="png", dpi=100)
     plt.close(fig)
     atomic_save(path, png.getvalue())
 
 
 def paper_evaluations(model, data, cfg, plain_seconds):
     """The paper's analyses of the model as trained, before any fine-tune: Table 4, Fig. 4, Table 3, Fig. 5."""
-    settings = dict(mc=dict(mc_samples=cfg.mc_samples), exact=dict(align="exact"))
     results, seconds = {}, {"plain": plain_seconds}
-    for key in [k for k, on in (("mc", cfg.mc_samples), ("exact", cfg.align == "exact")) if on]:
-        start = time.perf_counter()  # accuracy and cost of each alignment (Table 4)
-        with aligned(model, **settings[key]):
+    for key, setting in [("mc", dict(mc_samples=cfg.mc_samples))] * bool(cfg.mc_samples) + [
+            ("exact", dict(align="exact"))] * (cfg.align == "exact"):  # accuracy and cost of each alignment
+        start = time.perf_counter()
+        with aligned(model, **setting):
             results[f"test_acc_{key}"] = evaluate(model, data, cfg)[1]
         seconds[key] = time.perf_counter() - start
     results.update(eval_time_s=seconds, cls_attention_entropy=entropy_per_layer(model, data, cfg))
     # the training split in eval mode (no dropout, no augmentation, its labels as trained on): train_acc_eval -
     # test_acc is the generalisation gap; train_acc is measured during the epoch, under dropout and augmentation
     results["train_acc_eval"] = evaluate(model, dict(data, test=data["train"]), cfg)[1]
-    if cfg.occlusion:
-        results["occlusion"] = occlusion(model, data, cfg)
+    if cfg.occlusion:  # accuracy with a fraction f of the patches removed before the blocks, 5 draws (Table 3)
+        results["occlusion"] = {"0.0": evaluate(model, data, cfg)[1], **{str(f): sum(
+            evaluate(model, data, cfg, drop_patches=f)[1] for _ in range(5)) / 5 for f in (0.1, 0.3, 0.5, 0.7, 0.9)}}
     if cfg.attention_map:
         save_attention_map(model, data, os.path.join(cfg.out, "attention.png"))
     return results
 
-
 # ----------------------------------------------------------------------------- the run folder
+
+
+COLUMNS = [("epoch", 5, "d"), ("stage", 8, "s"), ("lr", 8, ".1e"), ("train_loss", 10, ".4f"),
+           ("train_acc", 9, ".4f"), ("test_loss", 9, ".4f"), ("test_acc", 8, ".4f"),
+           ("images_per_s", 12, ".0f"), ("time_s", 7, ".1f")]
+CHECKPOINT_KEYS = ("model", "optimizer", "config", "epoch", "step", "history", "results", "rng", "sha256")
+
 
 def train(cfg, checkpoint, progress):
     """Train, then fine-tune, from scratch or from `checkpoint`, committing the run folder after every epoch.
 
-    The commit is one file: checkpoint.pt holds weights, optimizer, step, every
-    random generator's state, the history of epochs and the paper's
-    evaluations. log.jsonl and metrics.json are derived from it, written after
-    it and rewritten from it on every start, so they are never ahead of it and
-    `finished: true` means all three are final. A run killed at any point
-    resumes from its last checkpoint and ends with the folder of an
-    uninterrupted run.
+    The commit is one file: checkpoint.pt holds weights, optimizer, step, every generator's state, the
+    epochs' rows and the paper's evaluations. log.jsonl and metrics.json are derived from it, written after
+    it and rewritten from it on every start: never ahead of it, and `finished: true` means all three are
+    final. A run killed at any point resumes from its checkpoint to the folder of an uninterrupted run.
     """
     device = torch.device(cfg.device)
     data = load_data(cfg, device)
@@ -390,7 +357,7 @@ def train(cfg, checkpoint, progress):
                   f"history and the CPU random state are restored; batch order, augmentation and {device.type} "
                   f"random numbers start again from --seed {cfg.seed}, so the run no longer matches an "
                   f"uninterrupted one bit for bit")
-        write_results(cfg, history, results, model, device)               # as of the checkpoint
+        write_results(cfg, history, results, model, device)
     total = cfg.epochs + cfg.finetune_epochs
     if start == total:
         return print(f"{cfg.out} has finished all {total} epochs; log.jsonl and metrics.json are complete")
@@ -403,10 +370,9 @@ def train(cfg, checkpoint, progress):
             block.attn.mode = cfg.mode if stage == "train" else "none"
         try:
             stats, step = train_one_epoch(trained, optimizer, data, cfg, epoch, step, generator, progress)
-        except torch._dynamo.exc.TorchDynamoException as e:  # raised by --compile only, at its first step
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise DataError(f"--compile: torch.compile could not compile the model ({reason}); run "
-                            f"without --compile") from None
+        except torch._dynamo.exc.TorchDynamoException as e:  # only a compiled model raises it, at its first step
+            raise DataError(f"--compile: torch.compile could not compile the model ({first_line(e)}); "
+                            f"run without --compile") from None
         start_eval = time.perf_counter()
         test_loss, test_acc = evaluate(model, data, cfg)
         history.append(dict(epoch=epoch + 1, stage=stage, **stats, test_loss=test_loss, test_acc=test_acc,
@@ -419,27 +385,20 @@ def train(cfg, checkpoint, progress):
             rng[device.type] = getattr(torch, device.type).get_rng_state()
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), config=vars(cfg),
                      epoch=epoch + 1, step=step, history=history, results=results, rng=rng)
-        buffer = io.BytesIO()  # serialised in memory, so that a full disk is a plain OSError in atomic_save
-        torch.save(dict(state, sha256=checksum(state)), buffer)
-        atomic_save(os.path.join(cfg.out, "checkpoint.pt"), buffer.getvalue())  # the commit
+        torch.save(dict(state, sha256=checksum(state)), buffer := io.BytesIO())  # in memory: a full disk is an
+        atomic_save(os.path.join(cfg.out, "checkpoint.pt"), buffer.getvalue())  # OSError of atomic_save; the commit
         metrics = write_results(cfg, history, results, model, device)
     print(to_json({k: round(v, 4) for k, v in metrics.items() if k.startswith("test_acc")}))
-
-
-COLUMNS = [("epoch", 5, "d"), ("stage", 8, "s"), ("lr", 8, ".1e"), ("train_loss", 10, ".4f"),
-           ("train_acc", 9, ".4f"), ("test_loss", 9, ".4f"), ("test_acc", 8, ".4f"),
-           ("images_per_s", 12, ".0f"), ("time_s", 7, ".1f")]
 
 
 def write_results(cfg, history, results, model, device):
     """log.jsonl, then metrics.json (last epoch of each stage, evaluations, speed, config), as of `history`."""
     atomic_save(os.path.join(cfg.out, "log.jsonl"), "".join(to_json(r) + "\n" for r in history))
     trained = [r for r in history if r["stage"] == "train"]
-    finetuned = [r for r in history if r["stage"] == "finetune"]
-    seconds = sum(r["time_s"] for r in history)
     metrics = {k: trained[-1][k] for k in ("test_acc", "test_loss", "train_acc", "train_loss")}
-    if finetuned:
-        metrics["test_acc_finetuned"] = finetuned[-1]["test_acc"]
+    if len(history) > cfg.epochs:
+        metrics["test_acc_finetuned"] = history[-1]["test_acc"]
+    seconds = sum(r["time_s"] for r in history)
     metrics.update(results, epochs_done=len(history), finished=len(history) == cfg.epochs + cfg.finetune_epochs,
                    train_time_s=seconds, images_per_s=sum(r["images"] for r in history) / seconds,
                    params=sum(p.numel() for p in model.parameters()), layer_ratios=model.layer_ratios,
@@ -452,10 +411,8 @@ def write_results(cfg, history, results, model, device):
 def to_json(value, **kwargs):
     """Strict JSON (no NaN or Infinity tokens, which strict parsers reject): a non-finite number becomes null."""
     def finite(v):
-        if isinstance(v, dict):
-            return {k: finite(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [finite(x) for x in v]
+        if isinstance(v, (dict, list, tuple)):
+            return {k: finite(x) for k, x in v.items()} if isinstance(v, dict) else [finite(x) for x in v]
         return None if isinstance(v, float) and not math.isfinite(v) else v
     return json.dumps(finite(value), allow_nan=False, **kwargs)
 
@@ -474,8 +431,8 @@ def atomic_save(path, data):
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
-        raise DataError(f"could not write {path} ({e.strerror or e}); the run folder keeps its last "
-                        f"complete epoch: free some space or make it writable, then continue with --resume") from None
+        raise DataError(f"could not write {path} ({e.strerror or e}); the run folder keeps its last complete "
+                        f"epoch: free some space or make it writable, then continue with --resume") from None
 
 
 def checksum(value, digest=None):
@@ -498,22 +455,15 @@ def checksum(value, digest=None):
     return digest.hexdigest()
 
 
-CHECKPOINT_KEYS = ("model", "optimizer", "config", "epoch", "step", "history", "results", "rng", "sha256")
-
-
 def load_checkpoint(path):
-    """A checkpoint of this script, loaded with weights_only=True so that it cannot run code.
-
-    Its sha256 must match its contents: a flipped bit is refused, never loaded.
-    """
+    """A checkpoint of this script, loaded with weights_only=True (it cannot run code) and matching its sha256."""
     if not os.path.exists(path):
         raise DataError(f"no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"refused to load {path}: weights_only loading accepts only tensors, numbers, "
-                        f"strings, lists and dicts ({reason})") from None
+        raise DataError(f"refused to load {path}: weights_only loading accepts only tensors, numbers, strings, "
+                        f"lists and dicts ({first_line(e)})") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise DataError(f"{path} is not a checkpoint of this train_cifar.py (no {', '.join(missing)}); "
@@ -524,13 +474,16 @@ def load_checkpoint(path):
     return checkpoint
 
 
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 @contextlib.contextmanager
 def locked(out):
     """Hold an exclusive flock on out/.lock: one writer per run folder.
 
-    The OS releases an flock when its process ends, however it ends (kill -9
-    included), so a killed run's lock never blocks its --resume. The file stays:
-    deleting it would let two processes lock two different files.
+    The OS drops an flock when its process ends, however it ends, so a killed run never blocks its --resume.
+    The file stays: deleting it would let two processes lock two different files.
     """
     with open(os.path.join(out, ".lock"), "a") as f:
         try:
@@ -541,8 +494,8 @@ def locked(out):
                             f"or choose another --out") from None
         yield
 
-
 # ----------------------------------------------------------------------------- the CIFAR files
+
 
 DOWNLOAD_DEADLINE_S = 3600  # the whole tarball; each read also waits at most 60 s
 
@@ -550,16 +503,13 @@ DOWNLOAD_DEADLINE_S = 3600  # the whole tarball; each read also waits at most 60
 def ensure_cifar(spec, data_dir):
     """The extracted CIFAR folder; if missing, download the tarball (unless present), check its md5, extract.
 
-    A tarball with another md5 is renamed to *.bad, never trusted again. The
-    extraction goes into a temporary folder that is renamed into place once
-    complete, with tarfile's "data" filter: no absolute paths, no links out of
-    it, no devices.
+    A tarball with another md5 becomes *.bad, never trusted again. Extraction goes into a temporary folder,
+    renamed into place once complete, through tarfile's "data" filter: no absolute paths, links out, devices.
     """
-    folder = os.path.join(data_dir, spec["folder"])
+    folder, tarball = os.path.join(data_dir, spec["folder"]), os.path.join(data_dir, os.path.basename(spec["url"]))
     if os.path.isdir(folder):
         return folder
     os.makedirs(data_dir, exist_ok=True)
-    tarball = os.path.join(data_dir, os.path.basename(spec["url"]))
     if not os.path.exists(tarball):
         download(spec["url"], tarball)
     with open(tarball, "rb") as f:
@@ -585,26 +535,24 @@ def ensure_cifar(spec, data_dir):
 def download(url, path):
     """Stream `url` into path.part with a progress bar, then rename it: an interrupted download never looks complete.
 
-    A .part left by an earlier attempt is continued with an HTTP Range request
-    where the server allows it (it answers 206), else started over. A server
-    that trickles bytes is cut off after DOWNLOAD_DEADLINE_S seconds in all.
+    A .part of an earlier attempt is continued with an HTTP Range request where the server allows it (206),
+    else started over; a server that trickles bytes is cut off after DOWNLOAD_DEADLINE_S seconds in all.
     """
     part, deadline = path + ".part", time.monotonic() + DOWNLOAD_DEADLINE_S
     done = os.path.getsize(part) if os.path.exists(part) else 0
     print(f"downloading {url} -> {path}" + (f", continuing after {done} bytes" if done else ""), file=sys.stderr)
-    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {}),
+                                    timeout=60) as response:
             done = done if response.status == 206 else 0                    # 200: the whole file again
             size = response.headers.get("Content-Length")
-            with open(part, "ab" if done else "wb") as f, \
-                    tqdm(total=done + int(size) if size else None, initial=done, unit="B", unit_scale=True,
-                         unit_divisor=1024, desc="download", mininterval=1) as bar:
+            with open(part, "ab" if done else "wb") as f, tqdm(total=done + int(size) if size else None, initial=done,
+                                                                unit="B", unit_scale=True, unit_divisor=1024,
+                                                                desc="download", mininterval=1) as bar:
                 while chunk := response.read1(1 << 16):                     # returns what has arrived
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"not complete after {DOWNLOAD_DEADLINE_S} s")
-                    f.write(chunk)
-                    bar.update(len(chunk))
+                    bar.update(f.write(chunk))
             if bar.total and bar.n < bar.total:
                 raise ConnectionError(f"cut off after {bar.n} of {bar.total} bytes")
     except (OSError, ValueError, http.client.HTTPException) as e:  # offline, refused, timed out, cut off, disk full
@@ -618,12 +566,10 @@ def download(url, path):
 
 
 class CifarUnpickler(pickle.Unpickler):
-    """An unpickler that builds only what the official CIFAR files hold.
+    """An unpickler that builds only what the official CIFAR files hold, and refuses every other global.
 
-    They are Python 2 pickles of a dict of byte strings, ints, lists and one
-    uint8 array; the only globals they name are numpy's array reconstruction.
-    A plain pickle.load calls whatever global a file names (os.system,
-    builtins.open, ...), so every other name is refused before it is called.
+    They are Python 2 pickles of a dict of byte strings, ints, lists and one uint8 array, naming only
+    numpy's array reconstruction; a plain pickle.load calls whatever a file names (os.system, open, ...).
     """
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
                ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
@@ -653,11 +599,10 @@ def read_batch(path, spec):
             and (labels.size == 0 or 0 <= labels.min() <= labels.max() < spec["classes"])):
         raise DataError(f"{path}: expected b'data', uint8 N x 3072, and N labels below {spec['classes']}; "
                         f"delete {folder} and run again")
-    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())  # rows: 1024 red, 1024 green, 1024 blue
-    return images, torch.from_numpy(labels)
-
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)  # rows: R, G, B
 
 # ----------------------------------------------------------------------------- --summarize
+
 
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
@@ -665,10 +610,8 @@ T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 
 def t_975(df):
     """The 0.975 quantile of Student's t: the 3-decimal table for df <= 30, else its expansion around z = 1.96."""
-    if df <= 30:
-        return T_975[df - 1]
     z = 1.959964  # Cornish-Fisher: error < 1e-4 from df = 31 on
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+    return T_975[df - 1] if df <= 30 else z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
 
 
 def summarize(folders, baseline=None):
@@ -678,7 +621,7 @@ def summarize(folders, baseline=None):
     mean difference, 95% paired-t interval (mean ± t_975(n-1) sd / sqrt(n)), and in how many seeds the
     difference has the sign of the mean.
     """
-    groups, left_out = {}, []
+    groups, left_out, number = {}, [], lambda v: type(v) in (int, float)
     for folder in folders:
         try:
             with open(os.path.join(folder, "metrics.json")) as f:
@@ -690,12 +633,11 @@ def summarize(folders, baseline=None):
         if not m.get("finished"):
             left_out.append(folder)
             continue
-        values = {k: v for k, v in m.items() if type(v) in (int, float)}
-        values.update({f"{k}[{j}]": x for k, v in m.items() if isinstance(v, dict) and k != "config"  # occlusion, ...
-                       for j, x in v.items() if type(x) in (int, float)})
-        for train_key in ("train_acc", "train_acc_eval"):
-            if train_key in values and "test_acc" in values:
-                values[f"{train_key} - test_acc"] = values[train_key] - values["test_acc"]
+        values = {k: v for k, v in m.items() if number(v)} | {f"{k}[{j}]": x for k, v in m.items()  # occlusion, ...
+                                                               if isinstance(v, dict) and k != "config"
+                                                               for j, x in v.items() if number(x)}
+        values |= {f"{k} - test_acc": values[k] - values["test_acc"] for k in ("train_acc", "train_acc_eval")
+                   if k in values and "test_acc" in values}
         runs = groups.setdefault(json.dumps(config, sort_keys=True), {})
         if seed in runs:
             raise DataError(f"{folder} repeats seed {seed} of a configuration; give each seed one run folder")
@@ -708,15 +650,14 @@ def summarize(folders, baseline=None):
     names = [",".join(f"{k}={c.get(k)}" for k in differ) or "all" for c in configs]
     metrics = list(dict.fromkeys(k for runs in groups for v in runs.values() for k in v))
     values = {k: [np.array([v[k] for v in runs.values() if k in v]) for runs in groups] for k in metrics}
-    decimals = {k: 4 if max(abs(c.mean()) for c in values[k] if len(c)) < 10 else 1 for k in metrics}
-    table = lambda head, rows: ["", f"| metric | {' | '.join(head)} |", "|---" * (len(head) + 1) + "|"] + [
-        f"| {k} | {' | '.join(cells)} |" for k, cells in rows]
+    places = {k: 4 if max(abs(c.mean()) for c in values[k] if len(c)) < 10 else 1 for k in metrics}
+    table = lambda head, cell: ["", f"| metric | {' | '.join(head)} |", "|---" * (len(head) + 1) + "|"] + [
+        f"| {k} | {' | '.join(cell(k, i) for i in range(len(head)))} |" for k in metrics]
     lines = [f"{sum(map(len, groups))} runs in {len(groups)} configurations; common to all: "
              + ", ".join(f"{k}={configs[0][k]}" for k in keys if k not in differ) + "."]
-    lines += ["Left out, not finished: " + ", ".join(left_out) + "."] if left_out else []
-    lines += table([f"{n} (n={len(r)})" for n, r in zip(names, groups)], [(k, [
-        f"{c.mean():.{decimals[k]}f}" + (f" ± {c.std(ddof=1):.{decimals[k]}f}" if len(c) > 1 else "")
-        if len(c) else "—" for c in values[k]]) for k in metrics])
+    lines += ["Left out, not finished: " + ", ".join(left_out) + "."] * bool(left_out)
+    lines += table([f"{n} (n={len(r)})" for n, r in zip(names, groups)], lambda k, i: "—" if not len(
+        c := values[k][i]) else f"{c.mean():.{places[k]}f}" + (f" ± {c.std(ddof=1):.{places[k]}f}" if len(c) > 1 else ""))
     if baseline is None:
         return "\n".join(lines)
     want = dict(item.partition("=")[::2] for item in baseline.split(","))
@@ -726,9 +667,9 @@ def summarize(folders, baseline=None):
                         + "; ".join(names))
     base, others = groups[matches[0]], [i for i in range(len(groups)) if i != matches[0]]
 
-    def paired(k, runs):
+    def paired(k, i):
+        runs, p = groups[others[i]], places[k]
         d = np.array([runs[s][k] - base[s][k] for s in sorted(runs) if s in base and k in runs[s] and k in base[s]])
-        p = decimals[k]
         if len(d) < 2:
             return f"{d[0]:+.{p}f} (1 seed)" if len(d) else "no shared seed"
         mean, half = d.mean(), t_975(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
@@ -736,21 +677,20 @@ def summarize(folders, baseline=None):
         return f"{mean:+.{p}f} [{mean - half:.{p}f}, {mean + half:.{p}f}], {agree} of {len(d)}"
     lines += ["", f"Each configuration minus {names[matches[0]]}, paired by seed: mean difference [95% paired-t "
               "interval], seeds whose difference has the sign of the mean (a zero counts against)."]
-    lines += table([names[i] for i in others], [(k, [paired(k, groups[i]) for i in others]) for k in metrics])
-    return "\n".join(lines)
-
+    return "\n".join(lines + table([names[i] for i in others], paired))
 
 # ----------------------------------------------------------------------------- command line
 
+
 def number(kind, low, high=None, low_open=False):
-    """argparse type: a `kind` in [low, high), or (low, high) with low_open."""
+    """argparse type: a `kind` in [low, high), or (low, high) with low_open; argparse names `kind` in its errors."""
     def parse(text):
         value = kind(text)
         if value < low or (low_open and value == low) or (high is not None and value >= high):
-            need = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
-            raise argparse.ArgumentTypeError(f"{text} is out of range (need {need})")
+            raise argparse.ArgumentTypeError(f"{text} is out of range (need {'>' if low_open else '>='} {low}"
+                                             + (f" and < {high})" if high is not None else ")"))
         return value
-    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    parse.__name__ = kind.__name__
     return parse
 
 
@@ -787,8 +727,7 @@ def build_parser():
     add("--label-smoothing", type=number(float, 0.0, 1.0), default=0.1, help="of the training loss")
     add("--seed", type=int, default=0, help="init, batch order, augmentation, masks, synthetic data")
     add("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, mps, else cpu")
-    add("--compile", action="store_true", help="train through torch.compile(model, fullgraph=True); "
-        "evaluations stay eager")
+    add("--compile", action="store_true", help="train through torch.compile(model, fullgraph=True); eval stays eager")
     add("--finetune-epochs", type=number(int, 0), default=0,
         help="then fine-tune without attention dropout (Align Expectation, Table 4)")
     add("--finetune-lr", type=positive, default=1e-5, help="constant lr of the fine-tune (Sec. 4.1)")
@@ -812,21 +751,19 @@ RUNTIME_FLAGS = ("out", "resume", "progress", "dry_run", "summarize", "baseline"
 
 def resolve_device(name):
     """'auto' as the device it picks (cuda, else mps, else cpu), so that a run's config says where it ran."""
-    if name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return auto if name == "auto" else name
 
 
 def resolve_config(args, parser, argv=None):
     """The run's configuration (a new Namespace; `args` stays as parsed) and the checkpoint to resume from.
 
-    A resumed run keeps its saved configuration: a flag on the command line
-    that differs from it is refused, even one equal to its default, except
-    --device, which moves the run to another device.
+    A resumed run keeps its saved configuration: a flag given that differs from it is refused, even one
+    equal to its default, except --device, which moves the run to another device.
     """
     if args.resume is None:
-        out = args.out or os.path.join("runs", f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
         config = {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}
+        out = args.out or os.path.join("runs", f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
         return argparse.Namespace(**{**config, "device": resolve_device(args.device)}, out=out), None
     explicit = build_parser()
     for action in explicit._actions:  # a parser without defaults: it returns only the flags given
@@ -837,8 +774,8 @@ def resolve_config(args, parser, argv=None):
                      f"copy its folder and resume the copy)")
     checkpoint = load_checkpoint(os.path.join(args.resume, "checkpoint.pt"))
     saved = {"label_noise": 0.0, "compile": False, **checkpoint["config"]}  # runs saved before these flags
-    for key, value in given.items():
-        if key not in RUNTIME_FLAGS + ("device",) and value != saved.get(key):
+    for key in given.keys() - set(RUNTIME_FLAGS + ("device",)):
+        if given[key] != saved.get(key):
             parser.error(f"--resume continues with the saved configuration; drop --{key.replace('_', '-')} "
                          f"(saved: {saved.get(key)})")
     device = resolve_device(args.device) if "device" in given else saved["device"]
@@ -853,8 +790,7 @@ def check_writable(path, flag, parser):
     if not os.path.isdir(existing):
         parser.error(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        parser.error(f"{flag} {path}: cannot write in {existing} (read-only or no permission); "
-                     f"choose another {flag}")
+        parser.error(f"{flag} {path}: cannot write in {existing} (read-only or no permission); choose another {flag}")
 
 
 def check_config(cfg, parser):
@@ -863,8 +799,7 @@ def check_config(cfg, parser):
         parser.error(f"--warmup-epochs {cfg.warmup_epochs} is longer than --epochs {cfg.epochs}")
     if cfg.mc_samples and cfg.mode == "none":
         parser.error("--mc-samples needs a dropping --mode; 'none' drops nothing to average over")
-    available = dict(cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
-    if not available[cfg.device]:
+    if not dict(cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())[cfg.device]:
         parser.error(f"--device {cfg.device}, but this torch cannot use it; choose another --device")
     if cfg.device == "mps" and cfg.align == "exact":
         parser.error("--align exact computes in float64, which MPS does not support; use --device cpu or cuda")
@@ -883,14 +818,13 @@ def check_config(cfg, parser):
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, cfg = parser.parse_args(argv), None
     if args.baseline is not None and args.summarize is None:
         parser.error("--baseline needs --summarize")
     if args.baseline is not None and not all(k and "=" in k for k in args.baseline.split(",")):
         parser.error(f"--baseline {args.baseline}: expected KEY=VALUE[,KEY=VALUE...], e.g. mode=none")
     if args.summarize is not None and args.dry_run:  # checks the flags only: the run folders may not exist yet
         return print(f"dry run: configuration is valid; would summarize {len(args.summarize)} run folders")
-    cfg = None
     try:
         if args.summarize is not None:
             return print(summarize(args.summarize, args.baseline))
@@ -905,14 +839,13 @@ def main(argv=None):
                 os.makedirs(cfg.out, exist_ok=True)
                 held.enter_context(locked(cfg.out))
             if checkpoint is None and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
-                parser.error(f"{cfg.out} already holds a run; continue it with --resume {cfg.out}, "
-                             f"or choose another --out")
+                parser.error(f"{cfg.out} already holds a run; continue it with --resume {cfg.out}, or choose another --out")
             if args.dry_run:
                 return print(f"dry run: configuration is valid; {sum(p.numel() for p in model.parameters())} "
                              f"parameters, layer drop ratios {[round(r, 3) for r in model.layer_ratios]}, "
                              f"run folder {cfg.out}")
             train(cfg, checkpoint, progress=args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
-    except (DataError, Diverged) as e:
+    except DataError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # any other file-system fault, still one line
         sys.exit(f"error: {e}; check that path, its permissions and the free space")
