@@ -2,9 +2,9 @@
 
 Li et al., "DropKey for Vision Transformer", CVPR 2023, Sec. 4.1: schedules (Table 1), structured drops
 (Table 2), occlusion (Table 3), expectation alignment (Table 4), class-token entropy (Fig. 4), attention maps
-(Fig. 5), each one command (README, "Train"). Reading order: data -> model and optimizer -> lr schedule ->
-one training epoch -> the paper's evaluations -> the run folder (the loop over epochs, one checkpoint per
-epoch as its commit) -> the CIFAR files (download, md5, a restricted unpickler) -> --summarize -> command line.
+(Fig. 5), each one command (README, "Train"). Reading order: data -> model, optimizer and lr schedule -> one
+training epoch -> the paper's evaluations -> the run folder (the loop over epochs; one checkpoint per epoch is
+its commit) -> the CIFAR files (download, md5, a restricted unpickler) -> --summarize -> command line.
 """
 import argparse
 import contextlib
@@ -46,21 +46,17 @@ except ImportError:
 CIFAR = {  # the official python tarballs, their md5 and per-channel statistics
     "cifar10": dict(url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
                     md5="c58f30108f718f92721af3b95e74349a", folder="cifar-10-batches-py",
-                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
-                    label_key=b"labels", classes=10,
-                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"], label_key=b"labels",
+                    classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
     "cifar100": dict(url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                     md5="eb9058c3a382ffc7106e4002c42a8d85", folder="cifar-100-python",
-                     train=["train"], test=["test"], label_key=b"fine_labels", classes=100,
-                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
-}
+                     md5="eb9058c3a382ffc7106e4002c42a8d85", folder="cifar-100-python", train=["train"],
+                     test=["test"], label_key=b"fine_labels", classes=100,
+                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762))}
 SYNTHETIC = dict(train=10000, test=2000, classes=10,  # mean and std measured on the seed-0 train split
                  mean=(0.4130, 0.4115, 0.4118), std=(0.2333, 0.2339, 0.2332))
 
-
 class DataError(Exception):
     """A problem with the data, the run folder or training; main prints it as one line, without a traceback."""
-
 
 def load_data(cfg, device):
     """Both splits as uint8 images and int64 labels on `device`, plus the class count, mean and std."""
@@ -69,8 +65,8 @@ def load_data(cfg, device):
     for s in ("train", "test"):
         if cfg.dataset == "synthetic":
             x, y = synthetic(min(limit[s] or spec[s], spec[s]), cfg.seed, s)
-        else:  # downloaded and checked where missing (the CIFAR files, below)
-            folder = ensure_cifar(spec, cfg.data_dir)
+        else:
+            folder = ensure_cifar(spec, cfg.data_dir)  # downloaded and checked where missing (see below)
             x, y = map(torch.cat, zip(*[read_batch(os.path.join(folder, name), spec) for name in spec[s]]))
             if len(x) == 0:
                 raise DataError(f"the {s} files in {folder} hold no images; delete {folder} and run again")
@@ -78,7 +74,6 @@ def load_data(cfg, device):
     if getattr(cfg, "label_noise", 0.0):  # training labels only: the test split stays clean
         data["train"] = (data["train"][0], noisy_labels(data["train"][1], cfg.label_noise, spec["classes"], cfg.seed))
     return dict(data, **{k: torch.tensor(spec[k], device=device).view(1, 3, 1, 1) for k in ("mean", "std")})
-
 
 def synthetic(n, seed, split="train", chunk=1000):
     """`n` procedurally generated 32x32 RGB images (uint8, (n, 3, 32, 32)) and labels in 0..9.
@@ -105,19 +100,16 @@ def synthetic(n, seed, split="train", chunk=1000):
         wave[plaid] = 0.5 * (torch.cos(f * x + ph) + torch.cos(f * y + 1.7 * ph))  # vertical + horizontal
         radius, cy, cx = uniform(11, 16, 1, 1), uniform(8, 24, 1, 1), uniform(8, 24, 1, 1)
         disc = ((y - cy) ** 2 + (x - cx) ** 2 < radius ** 2).float()        # (chunk, 32, 32)
-        mix = (disc * (0.25 + 0.75 * (0.5 + 0.5 * wave))).unsqueeze(1)      # (chunk, 1, 32, 32), texture in [0, 1]
+        mix = (disc * (0.25 + 0.75 * (0.5 + 0.5 * wave))).unsqueeze(1)      # (chunk, 1, 32, 32); texture in [0, 1]
         fg, bg = uniform(0.5, 1.0, 3, 1, 1), uniform(0.0, 0.5, 3, 1, 1)      # (chunk, 3, 1, 1)
         image = bg + (fg - bg) * mix + 0.08 * torch.randn(chunk, 3, 32, 32, generator=g)
         images.append((image.clamp(0, 1) * 255).round().to(torch.uint8))
         labels.append(label)
     return torch.cat(images)[:n], torch.cat(labels)[:n]
 
-
 def noisy_labels(labels, fraction, classes, seed):
-    """A copy of `labels` with round(fraction * n) of them, chosen by `seed`, moved to a uniform other class.
-
-    Such labels can only be memorised: the over-fitting study (--label-noise) gives a regulariser that to do.
-    """
+    """A copy of `labels` with round(fraction * n), chosen by `seed`, moved to a uniform other class: labels a
+    model can only memorise, which give a regulariser something to do (--label-noise, the over-fitting study)."""
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 2]).generate_state(1)[0]))
     changed = torch.randperm(len(labels), generator=g)[:round(fraction * len(labels))]
     shift = torch.randint(1, classes, (len(changed),), generator=g)     # never 0: the class always changes
@@ -125,11 +117,9 @@ def noisy_labels(labels, fraction, classes, seed):
     noisy[changed] = (noisy[changed] + shift) % classes
     return noisy.to(labels.device)
 
-
 def augment(images, generator):
     """Random crop with 4-pixel zero padding and a random horizontal flip of a whole uint8 batch, on its device."""
-    B, C, H, W = images.shape
-    device = images.device
+    (B, C, H, W), device = images.shape, images.device
     padded = F.pad(images, (4, 4, 4, 4))                                    # (B, C, H + 8, W + 8)
     dy, dx = torch.randint(0, 9, (2, B, 1), device=device, generator=generator)
     flip = torch.rand(B, 1, device=device, generator=generator) < 0.5
@@ -139,18 +129,15 @@ def augment(images, generator):
     return padded[torch.arange(B, device=device).view(B, 1, 1, 1),
                   torch.arange(C, device=device).view(1, C, 1, 1), rows, cols]  # (B, C, H, W)
 
-
 def normalize(images, data):
     return (images.float() / 255 - data["mean"]) / data["std"]              # (B, 3, 32, 32)
 
-# ----------------------------------------------------------------------------- model and optimizer
-
+# ----------------------------------------------------------------------------- model, optimizer, lr schedule
 
 def build_model(cfg, classes):
-    return ViT(image_size=32, patch_size=cfg.patch_size, num_classes=classes, dim=cfg.dim,
-               depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, attn_drop_mode=cfg.mode,
-               drop_ratio=cfg.drop_ratio, schedule=cfg.schedule, block_size=cfg.block_size)
-
+    return ViT(image_size=32, patch_size=cfg.patch_size, num_classes=classes, dim=cfg.dim, depth=cfg.depth,
+               heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, attn_drop_mode=cfg.mode, drop_ratio=cfg.drop_ratio,
+               schedule=cfg.schedule, block_size=cfg.block_size)
 
 def build_optimizer(model, cfg):
     """AdamW with weight decay on tensors of >= 2 dims (matrices, embeddings), not on biases and norms."""
@@ -158,12 +145,8 @@ def build_optimizer(model, cfg):
     return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr)
 
-
 def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-# ----------------------------------------------------------------------------- lr schedule
-
 
 def get_lr(step, cfg, steps_per_epoch):
     """Linear warm-up, cosine decay to 0 at the end of --epochs, then the constant fine-tune lr (Sec. 4.1)."""
@@ -176,9 +159,7 @@ def get_lr(step, cfg, steps_per_epoch):
 
 # ----------------------------------------------------------------------------- one training epoch
 
-
 PROGRESS_EVERY = 20  # steps between two reads of the running loss and accuracy by the progress bar
-
 
 def train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progress):
     """One pass over the shuffled training split; returns the epoch's statistics and the next step.
@@ -187,12 +168,10 @@ def train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progres
     every PROGRESS_EVERY steps (one host sync), and check_finite looks at the losses once, at the end.
     """
     model.train()
-    images, labels = data["train"]
-    n, bs, device = len(images), cfg.batch_size, images.device
-    steps_per_epoch = math.ceil(n / bs)
-    order = torch.randperm(n, device=device, generator=generator)
-    losses, sums = torch.zeros(steps_per_epoch, device=device), torch.zeros(2, device=device)  # sums: loss, correct
-    start = time.perf_counter()
+    (images, labels), bs, start = data["train"], cfg.batch_size, time.perf_counter()
+    n, steps_per_epoch = len(images), math.ceil(len(images) / cfg.batch_size)
+    order = torch.randperm(n, device=images.device, generator=generator)
+    losses, sums = torch.zeros(steps_per_epoch, device=images.device), torch.zeros(2, device=images.device)
     bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
     for i in bar:
         idx = order[i * bs:(i + 1) * bs]
@@ -208,22 +187,19 @@ def train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progres
         optimizer.step()
         step += 1
         losses[i] = loss.detach()
-        sums += torch.stack([loss.detach() * len(idx), (logits.argmax(1) == y).sum()])
+        sums += torch.stack([loss.detach() * len(idx), (logits.argmax(1) == y).sum()])  # loss * images, correct
         if progress and ((i + 1) % PROGRESS_EVERY == 0 or i + 1 == steps_per_epoch):
             seen, (loss_sum, correct) = min(n, (i + 1) * bs), sums.tolist()
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                             img_s=f"{seen / (time.perf_counter() - start):.0f}")
     check_finite(model, losses, cfg, epoch)
     (loss_sum, correct), seconds = sums.tolist(), time.perf_counter() - start
-    return dict(lr=lr, train_loss=loss_sum / n, train_acc=correct / n,
-                images=n, time_s=seconds, images_per_s=n / seconds), step
-
+    return dict(lr=lr, train_loss=loss_sum / n, train_acc=correct / n, images=n, time_s=seconds,
+                images_per_s=n / seconds), step
 
 def check_finite(model, losses, cfg, epoch):
-    """Stop at the epoch's first non-finite loss, or if its last update left a non-finite weight.
-
-    The epoch is never committed, so the run folder keeps the last finite checkpoint.
-    """
+    """Stop at the epoch's first non-finite loss, or if its last update left a non-finite weight; the epoch is
+    never committed, so the run folder keeps the last finite checkpoint."""
     bad_loss = ~torch.isfinite(losses)                                      # (steps,)
     if bad_loss.any() or not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
         i = int(bad_loss.nonzero()[0]) if bad_loss.any() else len(losses) - 1
@@ -236,43 +212,27 @@ def check_finite(model, losses, cfg, epoch):
 
 # ----------------------------------------------------------------------------- the paper's evaluations
 
-
 @torch.no_grad()
 def evaluate(model, data, cfg, drop_patches=0.0):
     """(loss, accuracy) on the test split in eval mode: no attention dropout unless an alignment is on."""
-    model.eval()
-    images, labels = data["test"]
-    sums = torch.zeros(2, device=images.device)                             # loss, correct
+    (images, labels), sums = data["test"], torch.zeros(2, device=data["test"][0].device)  # loss, correct
     for i in range(0, len(images), cfg.batch_size):
         x, y = normalize(images[i:i + cfg.batch_size], data), labels[i:i + cfg.batch_size]
         with autocast(x.device):
-            logits = model(x, drop_patches=drop_patches).float()            # (B, classes)
+            logits = model.eval()(x, drop_patches=drop_patches).float()     # (B, classes)
         sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()])
     return tuple(s / len(images) for s in sums.tolist())
-
-
-@contextlib.contextmanager
-def aligned(model, mc_samples=0, align="none"):
-    """Evaluate with Monte-Carlo (`model.mc_samples`) or exact (`model.align`) expectation alignment, then undo."""
-    saved, (model.mc_samples, model.align) = (model.mc_samples, model.align), (mc_samples, align)
-    try:
-        yield model
-    finally:
-        model.mc_samples, model.align = saved
-
 
 @torch.no_grad()
 def entropy_per_layer(model, data, cfg):
     """Per layer, the class token's attention entropy -sum_j p_j log p_j over all N keys (log N if uniform),
     mean over heads and images (Fig. 4)."""
-    model.eval()
     images, total = data["test"][0], torch.zeros(len(model.blocks))
     for i in range(0, len(images), cfg.batch_size):
         with autocast(images.device):
-            _, attention = model(normalize(images[i:i + cfg.batch_size], data), return_attention=True)
+            _, attention = model.eval()(normalize(images[i:i + cfg.batch_size], data), return_attention=True)
         total += torch.stack([cls_attention_entropy(w).sum() for w in attention]).cpu()  # (depth,)
     return (total / len(images)).tolist()
-
 
 @torch.no_grad()
 def save_attention_map(model, data, path, count=4):
@@ -294,16 +254,14 @@ def save_attention_map(model, data, path, count=4):
     plt.close(fig)
     atomic_save(path, png.getvalue())
 
-
 def paper_evaluations(model, data, cfg, plain_seconds):
     """The paper's analyses of the model as trained, before any fine-tune: Table 4, Fig. 4, Table 3, Fig. 5."""
     results, seconds = {}, {"plain": plain_seconds}
-    for key, setting in [("mc", dict(mc_samples=cfg.mc_samples))] * bool(cfg.mc_samples) + [
-            ("exact", dict(align="exact"))] * (cfg.align == "exact"):  # accuracy and cost of each alignment
-        start = time.perf_counter()
-        with aligned(model, **setting):
-            results[f"test_acc_{key}"] = evaluate(model, data, cfg)[1]
-        seconds[key] = time.perf_counter() - start
+    for key, mc_samples, align in [("mc", cfg.mc_samples, "none")] * bool(cfg.mc_samples) + [
+            ("exact", 0, "exact")] * (cfg.align == "exact"):  # accuracy and cost of each alignment (Table 4)
+        start, (model.mc_samples, model.align) = time.perf_counter(), (mc_samples, align)
+        results[f"test_acc_{key}"] = evaluate(model, data, cfg)[1]
+        seconds[key], (model.mc_samples, model.align) = time.perf_counter() - start, (0, "none")
     results.update(eval_time_s=seconds, cls_attention_entropy=entropy_per_layer(model, data, cfg))
     # the training split in eval mode (no dropout, no augmentation, its labels as trained on): train_acc_eval -
     # test_acc is the generalisation gap; train_acc is measured during the epoch, under dropout and augmentation
@@ -317,12 +275,10 @@ def paper_evaluations(model, data, cfg, plain_seconds):
 
 # ----------------------------------------------------------------------------- the run folder
 
-
 COLUMNS = [("epoch", 5, "d"), ("stage", 8, "s"), ("lr", 8, ".1e"), ("train_loss", 10, ".4f"),
            ("train_acc", 9, ".4f"), ("test_loss", 9, ".4f"), ("test_acc", 8, ".4f"),
            ("images_per_s", 12, ".0f"), ("time_s", 7, ".1f")]
 CHECKPOINT_KEYS = ("model", "optimizer", "config", "epoch", "step", "history", "results", "rng", "sha256")
-
 
 def train(cfg, checkpoint, progress):
     """Train, then fine-tune, from scratch or from `checkpoint`, committing the run folder after every epoch.
@@ -332,14 +288,12 @@ def train(cfg, checkpoint, progress):
     it and rewritten from it on every start: never ahead of it, and `finished: true` means all three are
     final. A run killed at any point resumes from its checkpoint to the folder of an uninterrupted run.
     """
-    device = torch.device(cfg.device)
-    data = load_data(cfg, device)
+    device, data = torch.device(cfg.device), load_data(cfg, torch.device(cfg.device))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data["classes"]).to(device)
     trained = torch.compile(model, fullgraph=True) if cfg.compile else model  # evaluations stay eager
-    optimizer = build_optimizer(model, cfg)
+    optimizer, start, step, history, results = build_optimizer(model, cfg), 0, 0, [], {}
     generator = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and augmentation
-    start, step, history, results = 0, 0, [], {}
     for name in os.listdir(cfg.out):  # left by a run that died writing; this process holds the folder's lock
         if name.endswith(".tmp"):
             os.remove(os.path.join(cfg.out, name))
@@ -358,8 +312,7 @@ def train(cfg, checkpoint, progress):
                   f"random numbers start again from --seed {cfg.seed}, so the run no longer matches an "
                   f"uninterrupted one bit for bit")
         write_results(cfg, history, results, model, device)
-    total = cfg.epochs + cfg.finetune_epochs
-    if start == total:
+    if start == (total := cfg.epochs + cfg.finetune_epochs):
         return print(f"{cfg.out} has finished all {total} epochs; log.jsonl and metrics.json are complete")
     print(f"{cfg.dataset}: {len(data['train'][0])} train / {len(data['test'][0])} test images on {device}; "
           f"{cfg.mode}, layer drop ratios {[round(r, 3) for r in model.layer_ratios]}; run folder {cfg.out}")
@@ -385,20 +338,17 @@ def train(cfg, checkpoint, progress):
             rng[device.type] = getattr(torch, device.type).get_rng_state()
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), config=vars(cfg),
                      epoch=epoch + 1, step=step, history=history, results=results, rng=rng)
-        torch.save(dict(state, sha256=checksum(state)), buffer := io.BytesIO())  # in memory: a full disk is an
-        atomic_save(os.path.join(cfg.out, "checkpoint.pt"), buffer.getvalue())  # OSError of atomic_save; the commit
+        torch.save(dict(state, sha256=checksum(state)), buffer := io.BytesIO())  # in memory: a full disk fails
+        atomic_save(os.path.join(cfg.out, "checkpoint.pt"), buffer.getvalue())  # in atomic_save; the commit
         metrics = write_results(cfg, history, results, model, device)
     print(to_json({k: round(v, 4) for k, v in metrics.items() if k.startswith("test_acc")}))
-
 
 def write_results(cfg, history, results, model, device):
     """log.jsonl, then metrics.json (last epoch of each stage, evaluations, speed, config), as of `history`."""
     atomic_save(os.path.join(cfg.out, "log.jsonl"), "".join(to_json(r) + "\n" for r in history))
-    trained = [r for r in history if r["stage"] == "train"]
+    trained, seconds = [r for r in history if r["stage"] == "train"], sum(r["time_s"] for r in history)
     metrics = {k: trained[-1][k] for k in ("test_acc", "test_loss", "train_acc", "train_loss")}
-    if len(history) > cfg.epochs:
-        metrics["test_acc_finetuned"] = history[-1]["test_acc"]
-    seconds = sum(r["time_s"] for r in history)
+    metrics.update({"test_acc_finetuned": history[-1]["test_acc"]} if len(history) > cfg.epochs else {})
     metrics.update(results, epochs_done=len(history), finished=len(history) == cfg.epochs + cfg.finetune_epochs,
                    train_time_s=seconds, images_per_s=sum(r["images"] for r in history) / seconds,
                    params=sum(p.numel() for p in model.parameters()), layer_ratios=model.layer_ratios,
@@ -406,7 +356,6 @@ def write_results(cfg, history, results, model, device):
                    device=f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type)
     atomic_save(os.path.join(cfg.out, "metrics.json"), to_json(metrics, indent=2))
     return metrics
-
 
 def to_json(value, **kwargs):
     """Strict JSON (no NaN or Infinity tokens, which strict parsers reject): a non-finite number becomes null."""
@@ -416,12 +365,9 @@ def to_json(value, **kwargs):
         return None if isinstance(v, float) and not math.isfinite(v) else v
     return json.dumps(finite(value), allow_nan=False, **kwargs)
 
-
 def atomic_save(path, data):
-    """Write `data` (str or bytes) to path.tmp, then os.replace it: no reader and no crash sees half a file.
-
-    A failed write (full or read-only disk) removes path.tmp and becomes one DataError line.
-    """
+    """Write `data` (str or bytes) to path.tmp, then os.replace it: no reader and no crash sees half a file; a
+    failed write (full or read-only disk) removes path.tmp and becomes one DataError line."""
     try:
         with open(path + ".tmp", "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
@@ -433,7 +379,6 @@ def atomic_save(path, data):
             os.remove(path + ".tmp")
         raise DataError(f"could not write {path} ({e.strerror or e}); the run folder keeps its last complete "
                         f"epoch: free some space or make it writable, then continue with --resume") from None
-
 
 def checksum(value, digest=None):
     """sha256 (hex) of a checkpoint's contents: every tensor's dtype, shape and bytes, every other value's repr."""
@@ -454,7 +399,6 @@ def checksum(value, digest=None):
         digest.update(repr(value).encode())
     return digest.hexdigest()
 
-
 def load_checkpoint(path):
     """A checkpoint of this script, loaded with weights_only=True (it cannot run code) and matching its sha256."""
     if not os.path.exists(path):
@@ -464,8 +408,7 @@ def load_checkpoint(path):
     except Exception as e:
         raise DataError(f"refused to load {path}: weights_only loading accepts only tensors, numbers, strings, "
                         f"lists and dicts ({first_line(e)})") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
-    if missing:
+    if missing := [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]:
         raise DataError(f"{path} is not a checkpoint of this train_cifar.py (no {', '.join(missing)}); "
                         f"start a new run with another --out")
     if checksum({k: v for k, v in checkpoint.items() if k != "sha256"}) != checkpoint["sha256"]:
@@ -473,18 +416,13 @@ def load_checkpoint(path):
                         f"a copy, or start a new run with another --out")
     return checkpoint
 
-
 def first_line(error):
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
-
 @contextlib.contextmanager
 def locked(out):
-    """Hold an exclusive flock on out/.lock: one writer per run folder.
-
-    The OS drops an flock when its process ends, however it ends, so a killed run never blocks its --resume.
-    The file stays: deleting it would let two processes lock two different files.
-    """
+    """An exclusive flock on out/.lock: one writer per run folder. The OS drops it when its process ends, however
+    it ends, so a killed run never blocks its --resume; the file stays, or two processes could lock two files."""
     with open(os.path.join(out, ".lock"), "a") as f:
         try:
             if fcntl is not None:
@@ -496,9 +434,7 @@ def locked(out):
 
 # ----------------------------------------------------------------------------- the CIFAR files
 
-
 DOWNLOAD_DEADLINE_S = 3600  # the whole tarball; each read also waits at most 60 s
-
 
 def ensure_cifar(spec, data_dir):
     """The extracted CIFAR folder; if missing, download the tarball (unless present), check its md5, extract.
@@ -530,7 +466,6 @@ def ensure_cifar(spec, data_dir):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
 
 def download(url, path):
     """Stream `url` into path.part with a progress bar, then rename it: an interrupted download never looks complete.
@@ -564,13 +499,10 @@ def download(url, path):
                         f"or try --dataset synthetic") from None
     os.replace(part, path)
 
-
 class CifarUnpickler(pickle.Unpickler):
-    """An unpickler that builds only what the official CIFAR files hold, and refuses every other global.
-
-    They are Python 2 pickles of a dict of byte strings, ints, lists and one uint8 array, naming only
-    numpy's array reconstruction; a plain pickle.load calls whatever a file names (os.system, open, ...).
-    """
+    """Builds only what the official CIFAR files hold (Python 2 pickles of a dict of byte strings, ints, lists and
+    one uint8 array, naming only numpy's array reconstruction); a plain pickle.load calls whatever global a file
+    names (os.system, open, ...), so every other name is refused before it is called."""
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
                ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
                ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
@@ -580,7 +512,6 @@ class CifarUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refused {module}.{name}: official CIFAR files never name it, "
                                          f"and unpickling it could run code")
         return self.ALLOWED[(module, name)]
-
 
 def read_batch(path, spec):
     """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from one official CIFAR batch file."""
@@ -603,16 +534,14 @@ def read_batch(path, spec):
 
 # ----------------------------------------------------------------------------- --summarize
 
-
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
-
 def t_975(df):
-    """The 0.975 quantile of Student's t: the 3-decimal table for df <= 30, else its expansion around z = 1.96."""
-    z = 1.959964  # Cornish-Fisher: error < 1e-4 from df = 31 on
-    return T_975[df - 1] if df <= 30 else z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-
+    """The 0.975 quantile of Student's t: the 3-decimal table for df <= 30, else its Cornish-Fisher expansion
+    around z = 1.96 (error < 1e-4 from df = 31 on)."""
+    z = 1.959964
+    return T_975[df - 1] if df <= 30 else z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 def summarize(folders, baseline=None):
     """A Markdown table of finished runs grouped by configuration (all but seed and out), mean ± sd per metric.
@@ -621,7 +550,7 @@ def summarize(folders, baseline=None):
     mean difference, 95% paired-t interval (mean ± t_975(n-1) sd / sqrt(n)), and in how many seeds the
     difference has the sign of the mean.
     """
-    groups, left_out, number = {}, [], lambda v: type(v) in (int, float)
+    groups, left_out, scalar = {}, [], lambda v: type(v) in (int, float)
     for folder in folders:
         try:
             with open(os.path.join(folder, "metrics.json")) as f:
@@ -633,13 +562,11 @@ def summarize(folders, baseline=None):
         if not m.get("finished"):
             left_out.append(folder)
             continue
-        values = {k: v for k, v in m.items() if number(v)} | {f"{k}[{j}]": x for k, v in m.items()  # occlusion, ...
-                                                               if isinstance(v, dict) and k != "config"
-                                                               for j, x in v.items() if number(x)}
+        values = {k: v for k, v in m.items() if scalar(v)} | {f"{k}[{j}]": x for k, v in m.items() if isinstance(
+            v, dict) and k != "config" for j, x in v.items() if scalar(x)}  # occlusion[0.5], ...
         values |= {f"{k} - test_acc": values[k] - values["test_acc"] for k in ("train_acc", "train_acc_eval")
                    if k in values and "test_acc" in values}
-        runs = groups.setdefault(json.dumps(config, sort_keys=True), {})
-        if seed in runs:
+        if seed in (runs := groups.setdefault(json.dumps(config, sort_keys=True), {})):
             raise DataError(f"{folder} repeats seed {seed} of a configuration; give each seed one run folder")
         runs[seed] = values
     if not groups:
@@ -657,7 +584,7 @@ def summarize(folders, baseline=None):
              + ", ".join(f"{k}={configs[0][k]}" for k in keys if k not in differ) + "."]
     lines += ["Left out, not finished: " + ", ".join(left_out) + "."] * bool(left_out)
     lines += table([f"{n} (n={len(r)})" for n, r in zip(names, groups)], lambda k, i: "—" if not len(
-        c := values[k][i]) else f"{c.mean():.{places[k]}f}" + (f" ± {c.std(ddof=1):.{places[k]}f}" if len(c) > 1 else ""))
+        c := values[k][i]) else f"{c.mean():.{places[k]}f}" + f" ± {c.std(ddof=1):.{places[k]}f}" * (len(c) > 1))
     if baseline is None:
         return "\n".join(lines)
     want = dict(item.partition("=")[::2] for item in baseline.split(","))
@@ -681,37 +608,32 @@ def summarize(folders, baseline=None):
 
 # ----------------------------------------------------------------------------- command line
 
-
 def number(kind, low, high=None, low_open=False):
     """argparse type: a `kind` in [low, high), or (low, high) with low_open; argparse names `kind` in its errors."""
     def parse(text):
-        value = kind(text)
-        if value < low or (low_open and value == low) or (high is not None and value >= high):
+        if (value := kind(text)) < low or (low_open and value == low) or (high is not None and value >= high):
             raise argparse.ArgumentTypeError(f"{text} is out of range (need {'>' if low_open else '>='} {low}"
                                              + (f" and < {high})" if high is not None else ")"))
         return value
     parse.__name__ = kind.__name__
     return parse
 
-
 class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """One line on stderr and exit code 2, without the usage block."""
+    def error(self, message):  # one line on stderr and exit code 2, without the usage block
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
 
 def build_parser():
     p = Parser(prog="train_cifar.py", description=__doc__.split("\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add, count, positive = p.add_argument, number(int, 1), number(float, 0.0, low_open=True)
+    add, count, positive, fraction = p.add_argument, number(int, 1), number(float, 0, low_open=True), number(float, 0, 1)
     add("--dataset", default="cifar10", choices=("cifar10", "cifar100", "synthetic"), help="synthetic: offline")
     add("--data-dir", default="data", help="holds the CIFAR tarball and folder; downloaded if missing")
     add("--limit-train", type=count, default=None, help="use the first N training images (all if unset)")
-    add("--label-noise", type=number(float, 0.0, 1.0), default=0.0,
+    add("--label-noise", type=fraction, default=0.0,
         help="move this fraction of the training labels to another class (test labels stay clean)")
     add("--limit-test", type=count, default=None, help="use the first N test images (all if unset)")
     add("--mode", default="dropkey", choices=dropkey.MODES, help="attention dropout (README, Modes)")
-    add("--drop-ratio", type=number(float, 0.0, 1.0), default=0.3, help="d; the paper's CIFAR setting")
+    add("--drop-ratio", type=fraction, default=0.3, help="d; the paper's CIFAR setting")
     add("--schedule", default="decreasing", choices=dropkey.SCHEDULES, help="ratio per layer (Table 1)")
     add("--block-size", type=count, default=3, help="s of dropkey_block / dropkey_cross (Table 2)")
     add("--patch-size", type=count, default=4, help="pixels per patch side; must divide 32")
@@ -724,7 +646,7 @@ def build_parser():
     add("--lr", type=positive, default=1e-3, help="peak learning rate of AdamW")
     add("--weight-decay", type=number(float, 0.0), default=0.05, help="on >= 2-D tensors only")
     add("--warmup-epochs", type=number(float, 0.0), default=10.0, help="linear warm-up, then cosine to 0")
-    add("--label-smoothing", type=number(float, 0.0, 1.0), default=0.1, help="of the training loss")
+    add("--label-smoothing", type=fraction, default=0.1, help="of the training loss")
     add("--seed", type=int, default=0, help="init, batch order, augmentation, masks, synthetic data")
     add("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, mps, else cpu")
     add("--compile", action="store_true", help="train through torch.compile(model, fullgraph=True); eval stays eager")
@@ -745,22 +667,17 @@ def build_parser():
         "mode=none or mode=dropkey,schedule=constant; pairs the runs of each other configuration with it by seed")
     return p
 
-
 RUNTIME_FLAGS = ("out", "resume", "progress", "dry_run", "summarize", "baseline")  # not part of a run's configuration
-
 
 def resolve_device(name):
     """'auto' as the device it picks (cuda, else mps, else cpu), so that a run's config says where it ran."""
     auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     return auto if name == "auto" else name
 
-
 def resolve_config(args, parser, argv=None):
-    """The run's configuration (a new Namespace; `args` stays as parsed) and the checkpoint to resume from.
-
-    A resumed run keeps its saved configuration: a flag given that differs from it is refused, even one
-    equal to its default, except --device, which moves the run to another device.
-    """
+    """The run's configuration (a new Namespace; `args` stays as parsed) and the checkpoint to resume from. A
+    resumed run keeps its saved configuration: a flag given that differs from it is refused, even one equal to
+    its default, except --device, which moves the run to another device."""
     if args.resume is None:
         config = {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}
         out = args.out or os.path.join("runs", f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -774,24 +691,12 @@ def resolve_config(args, parser, argv=None):
                      f"copy its folder and resume the copy)")
     checkpoint = load_checkpoint(os.path.join(args.resume, "checkpoint.pt"))
     saved = {"label_noise": 0.0, "compile": False, **checkpoint["config"]}  # runs saved before these flags
-    for key in given.keys() - set(RUNTIME_FLAGS + ("device",)):
-        if given[key] != saved.get(key):
+    for key, value in given.items():
+        if key not in RUNTIME_FLAGS + ("device",) and value != saved.get(key):
             parser.error(f"--resume continues with the saved configuration; drop --{key.replace('_', '-')} "
                          f"(saved: {saved.get(key)})")
     device = resolve_device(args.device) if "device" in given else saved["device"]
     return argparse.Namespace(**{**saved, "out": args.resume, "device": device}), checkpoint
-
-
-def check_writable(path, flag, parser):
-    """An error line unless `path` is, or can be created as, a folder this process can write: no write needed."""
-    existing = path
-    while not os.path.exists(existing):                                    # its nearest existing ancestor
-        existing = os.path.dirname(existing.rstrip(os.sep)) or "."
-    if not os.path.isdir(existing):
-        parser.error(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        parser.error(f"{flag} {path}: cannot write in {existing} (read-only or no permission); choose another {flag}")
-
 
 def check_config(cfg, parser):
     """Each configuration mistake as one error line, before any data is read; returns the model it built."""
@@ -803,18 +708,25 @@ def check_config(cfg, parser):
         parser.error(f"--device {cfg.device}, but this torch cannot use it; choose another --device")
     if cfg.device == "mps" and cfg.align == "exact":
         parser.error("--align exact computes in float64, which MPS does not support; use --device cpu or cuda")
-    check_writable(cfg.out, "--out", parser)
-    if cfg.dataset != "synthetic" and not os.path.isdir(os.path.join(cfg.data_dir, CIFAR[cfg.dataset]["folder"])):
-        check_writable(cfg.data_dir, "--data-dir", parser)                # it will download and extract there
+    downloads = cfg.dataset != "synthetic" and not os.path.isdir(os.path.join(cfg.data_dir, CIFAR[cfg.dataset]["folder"]))
+    for flag, path in [("--out", cfg.out)] + [("--data-dir", cfg.data_dir)] * downloads:  # no write needed
+        existing = path
+        while not os.path.exists(existing):                                # its nearest existing ancestor
+            existing = os.path.dirname(existing.rstrip(os.sep)) or "."
+        if not os.path.isdir(existing):
+            parser.error(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            parser.error(f"{flag} {path}: cannot write in {existing} (read-only or no permission); choose another {flag}")
     try:
         model = build_model(cfg, 100 if cfg.dataset == "cifar100" else 10).eval()
         if cfg.align == "exact":  # one forward pass finds what the model refuses, e.g. a structured mode
-            with torch.no_grad(), aligned(model, align="exact"):
+            model.align = "exact"
+            with torch.no_grad():
                 model(torch.zeros(1, 3, 32, 32))
+            model.align = "none"
     except ValueError as e:
         parser.error(str(e))
     return model
-
 
 def main(argv=None):
     parser = build_parser()
