@@ -6,22 +6,7 @@ Li et al., "DropKey for Vision Transformer", CVPR 2023, Sec. 4.1: schedules (Tab
 training epoch -> the paper's evaluations -> the run folder (the loop over epochs; one checkpoint per epoch is
 its commit) -> the CIFAR files (download, md5, a restricted unpickler) -> --summarize -> command line.
 """
-import argparse
-import contextlib
-import errno
-import hashlib
-import http.client
-import io
-import json
-import math
-import os
-import pickle
-import shutil
-import sys
-import tarfile
-import tempfile
-import time
-import urllib.error
+import argparse, contextlib, hashlib, http.client, io, json, math, os, pickle, sys, tarfile, tempfile, time
 import urllib.request
 
 import numpy as np
@@ -32,10 +17,7 @@ from tqdm import tqdm
 import dropkey
 from vit import ViT, cls_attention_entropy
 
-try:
-    import fcntl
-except ImportError:  # Windows: run folders are not locked there
-    fcntl = None
+fcntl = __import__("fcntl") if os.name == "posix" else None  # elsewhere (Windows) run folders are not locked
 try:
     from numpy._core.multiarray import _reconstruct  # numpy >= 2
 except ImportError:
@@ -76,28 +58,22 @@ def load_data(cfg, device):
     return dict(data, **{k: torch.tensor(spec[k], device=device).view(1, 3, 1, 1) for k in ("mean", "std")})
 
 def synthetic(n, seed, split="train", chunk=1000):
-    """`n` procedurally generated 32x32 RGB images (uint8, (n, 3, 32, 32)) and labels in 0..9.
-
-    A bright textured disc on a dark, noisy ground; the class is the texture: stripes at 0, +-30, +-60 or 90
-    degrees (the sign random, so a flip keeps the class) or a plaid, period 5 (classes 0-4) or 10 pixels.
-    Place, size, phase and colours are random, so a model has to find the disc and read its texture. Chunk c
-    has its own seed (seed, split, c): the first k images do not depend on n.
-    """
+    """`n` 32x32 images (uint8, (n, 3, 32, 32)) and labels in 0..9: a bright disc on a dark, noisy ground whose
+    texture is the class (stripes at 0, +-30, +-60, 90 degrees, the sign random, or a plaid; period 5 or 10 pixels).
+    Place, size, phase and colours are random; chunk c has its own seed, so the first k do not depend on n."""
     images, labels = [], []
     y, x = torch.meshgrid(torch.arange(32.0) + 0.5, torch.arange(32.0) + 0.5, indexing="ij")  # (32, 32)
     for c in range(math.ceil(n / chunk)):
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, split == "test", c]).generate_state(1)[0]))
         uniform = lambda low, high, *shape: low + (high - low) * torch.rand(chunk, *shape, generator=g)
         label = torch.randint(0, 10, (chunk,), generator=g)
-        kind = (label % 5).view(chunk, 1, 1)                                 # 0..3 stripes, 4 plaid
-        sign = torch.randint(0, 2, (chunk, 1, 1), generator=g) * 2 - 1
-        angle = sign * kind.clamp(max=3) * math.pi / 6                      # (chunk, 1, 1)
+        kind, sign = (label % 5).view(chunk, 1, 1), torch.randint(0, 2, (chunk, 1, 1), generator=g) * 2 - 1
+        angle = sign * kind.clamp(max=3) * math.pi / 6                      # (chunk, 1, 1); kind 4: plaid
         freq = 2 * math.pi / torch.where(label < 5, 5.0, 10.0).view(chunk, 1, 1)
         phase = uniform(0, 2 * math.pi, 1, 1)
         wave = torch.cos(freq * (x * angle.cos() + y * angle.sin()) + phase)  # (chunk, 32, 32) stripes
-        plaid = kind.view(-1) == 4
-        f, ph = freq[plaid], phase[plaid]
-        wave[plaid] = 0.5 * (torch.cos(f * x + ph) + torch.cos(f * y + 1.7 * ph))  # vertical + horizontal
+        f, ph = freq[kind.view(-1) == 4], phase[kind.view(-1) == 4]
+        wave[kind.view(-1) == 4] = 0.5 * (torch.cos(f * x + ph) + torch.cos(f * y + 1.7 * ph))  # plaid
         radius, cy, cx = uniform(11, 16, 1, 1), uniform(8, 24, 1, 1), uniform(8, 24, 1, 1)
         disc = ((y - cy) ** 2 + (x - cx) ** 2 < radius ** 2).float()        # (chunk, 32, 32)
         mix = (disc * (0.25 + 0.75 * (0.5 + 0.5 * wave))).unsqueeze(1)      # (chunk, 1, 32, 32); texture in [0, 1]
@@ -108,8 +84,7 @@ def synthetic(n, seed, split="train", chunk=1000):
     return torch.cat(images)[:n], torch.cat(labels)[:n]
 
 def noisy_labels(labels, fraction, classes, seed):
-    """A copy of `labels` with round(fraction * n), chosen by `seed`, moved to a uniform other class: labels a
-    model can only memorise, which give a regulariser something to do (--label-noise, the over-fitting study)."""
+    """A copy of `labels`, round(fraction * n) of them moved to another class: labels only memorisation can learn."""
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 2]).generate_state(1)[0]))
     changed = torch.randperm(len(labels), generator=g)[:round(fraction * len(labels))]
     shift = torch.randint(1, classes, (len(changed),), generator=g)     # never 0: the class always changes
@@ -162,11 +137,8 @@ def get_lr(step, cfg, steps_per_epoch):
 PROGRESS_EVERY = 20  # steps between two reads of the running loss and accuracy by the progress bar
 
 def train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progress):
-    """One pass over the shuffled training split; returns the epoch's statistics and the next step.
-
-    No step waits for the device: losses and correct counts stay in tensors, the progress bar reads them
-    every PROGRESS_EVERY steps (one host sync), and check_finite looks at the losses once, at the end.
-    """
+    """One pass over the shuffled training split; returns its statistics and the next step. No step waits for the
+    device: losses and correct counts stay in tensors, read by the progress bar every PROGRESS_EVERY steps."""
     model.train()
     (images, labels), bs, start = data["train"], cfg.batch_size, time.perf_counter()
     n, steps_per_epoch = len(images), math.ceil(len(images) / cfg.batch_size)
@@ -190,22 +162,18 @@ def train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progres
         sums += torch.stack([loss.detach() * len(idx), (logits.argmax(1) == y).sum()])  # loss * images, correct
         if progress and ((i + 1) % PROGRESS_EVERY == 0 or i + 1 == steps_per_epoch):
             seen, (loss_sum, correct) = min(n, (i + 1) * bs), sums.tolist()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                            img_s=f"{seen / (time.perf_counter() - start):.0f}")
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
     check_finite(model, losses, cfg, epoch)
     (loss_sum, correct), seconds = sums.tolist(), time.perf_counter() - start
-    return dict(lr=lr, train_loss=loss_sum / n, train_acc=correct / n, images=n, time_s=seconds,
-                images_per_s=n / seconds), step
+    return dict(lr=lr, train_loss=loss_sum / n, train_acc=correct / n, images=n, time_s=seconds, images_per_s=n / seconds), step
 
 def check_finite(model, losses, cfg, epoch):
-    """Stop at the epoch's first non-finite loss, or if its last update left a non-finite weight; the epoch is
-    never committed, so the run folder keeps the last finite checkpoint."""
+    """Stop at the first non-finite loss or weight; the epoch is never committed: the last finite checkpoint stays."""
     bad_loss = ~torch.isfinite(losses)                                      # (steps,)
     if bad_loss.any() or not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
         i = int(bad_loss.nonzero()[0]) if bad_loss.any() else len(losses) - 1
         what = f"the loss is {losses[i].item()}" if bad_loss.any() else "its update made a weight non-finite"
-        kept = f"{cfg.out} keeps the checkpoint of epoch {epoch}, the last finite one" if epoch else \
-            "no checkpoint was written"
+        kept = f"{cfg.out} keeps the checkpoint of epoch {epoch}, the last finite one" if epoch else "no checkpoint was written"
         flag, lr = ("--lr", cfg.lr) if epoch < cfg.epochs else ("--finetune-lr", cfg.finetune_lr)
         raise DataError(f"training diverged in epoch {epoch + 1}, step {i + 1} of {len(losses)}: {what}; "
                         f"{kept}; try a smaller {flag} (this run: {lr:g})")
@@ -225,8 +193,7 @@ def evaluate(model, data, cfg, drop_patches=0.0):
 
 @torch.no_grad()
 def entropy_per_layer(model, data, cfg):
-    """Per layer, the class token's attention entropy -sum_j p_j log p_j over all N keys (log N if uniform),
-    mean over heads and images (Fig. 4)."""
+    """Per layer, the class token's attention entropy -sum_j p_j log p_j over its N keys, mean over images (Fig. 4)."""
     images, total = data["test"][0], torch.zeros(len(model.blocks))
     for i in range(0, len(images), cfg.batch_size):
         with autocast(images.device):
@@ -247,8 +214,7 @@ def save_attention_map(model, data, path, count=4):
     for i in range(len(images)):
         axes[0, i].imshow(images[i].permute(1, 2, 0).cpu().numpy())
         axes[1, i].imshow(maps[i].cpu().numpy(), cmap="viridis")
-    for ax in axes.flat:
-        ax.axis("off")
+    plt.setp(axes, xticks=[], yticks=[], frame_on=False)
     axes[1, 0].set_title("class-token attention, last layer", fontsize=8, loc="left")
     fig.savefig(png := io.BytesIO(), format="png", dpi=100)
     plt.close(fig)
@@ -281,36 +247,30 @@ COLUMNS = [("epoch", 5, "d"), ("stage", 8, "s"), ("lr", 8, ".1e"), ("train_loss"
 CHECKPOINT_KEYS = ("model", "optimizer", "config", "epoch", "step", "history", "results", "rng", "sha256")
 
 def train(cfg, checkpoint, progress):
-    """Train, then fine-tune, from scratch or from `checkpoint`, committing the run folder after every epoch.
-
-    The commit is one file: checkpoint.pt holds weights, optimizer, step, every generator's state, the
-    epochs' rows and the paper's evaluations. log.jsonl and metrics.json are derived from it, written after
-    it and rewritten from it on every start: never ahead of it, and `finished: true` means all three are
-    final. A run killed at any point resumes from its checkpoint to the folder of an uninterrupted run.
-    """
+    """Train, then fine-tune, from scratch or from `checkpoint`. Each epoch's one commit is checkpoint.pt (weights,
+    optimizer, step, generator states, rows, evaluations); log.jsonl and metrics.json are derived from it after it
+    and again on every start, never ahead of it: a run killed anywhere resumes to an uninterrupted run's folder."""
     device, data = torch.device(cfg.device), load_data(cfg, torch.device(cfg.device))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data["classes"]).to(device)
     trained = torch.compile(model, fullgraph=True) if cfg.compile else model  # evaluations stay eager
     optimizer, start, step, history, results = build_optimizer(model, cfg), 0, 0, [], {}
     generator = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and augmentation
-    for name in os.listdir(cfg.out):  # left by a run that died writing; this process holds the folder's lock
-        if name.endswith(".tmp"):
-            os.remove(os.path.join(cfg.out, name))
+    for name in [n for n in os.listdir(cfg.out) if n.endswith(".tmp")]:  # left by a run that died writing
+        os.remove(os.path.join(cfg.out, name))
     if checkpoint is not None:  # everything that decides what happens next, the random states included
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])      # moves the moments to the parameters' device
         start, step, history, results, rng = (checkpoint[k] for k in ("epoch", "step", "history", "results", "rng"))
         torch.set_rng_state(rng["cpu"])
-        if checkpoint["config"]["device"] == device.type:
+        if checkpoint["config"]["device"] == device.type:  # a generator's state is specific to its device type
             generator.set_state(rng["data"])
             if device.type in ("cuda", "mps"):
                 getattr(torch, device.type).set_rng_state(rng[device.type])
-        else:  # a generator's state is specific to its device type
+        else:
             print(f"resuming a {checkpoint['config']['device']} run on {device.type}: weights, optimizer, step, "
-                  f"history and the CPU random state are restored; batch order, augmentation and {device.type} "
-                  f"random numbers start again from --seed {cfg.seed}, so the run no longer matches an "
-                  f"uninterrupted one bit for bit")
+                  f"history and the CPU random state are restored; batch order, augmentation and masks start "
+                  f"again from --seed {cfg.seed}, so the run no longer matches an uninterrupted one bit for bit")
         write_results(cfg, history, results, model, device)
     if start == (total := cfg.epochs + cfg.finetune_epochs):
         return print(f"{cfg.out} has finished all {total} epochs; log.jsonl and metrics.json are complete")
@@ -324,8 +284,7 @@ def train(cfg, checkpoint, progress):
         try:
             stats, step = train_one_epoch(trained, optimizer, data, cfg, epoch, step, generator, progress)
         except torch._dynamo.exc.TorchDynamoException as e:  # only a compiled model raises it, at its first step
-            raise DataError(f"--compile: torch.compile could not compile the model ({first_line(e)}); "
-                            f"run without --compile") from None
+            raise DataError(f"--compile: torch.compile failed ({first_line(e)}); run without --compile") from None
         start_eval = time.perf_counter()
         test_loss, test_acc = evaluate(model, data, cfg)
         history.append(dict(epoch=epoch + 1, stage=stage, **stats, test_loss=test_loss, test_acc=test_acc,
@@ -333,13 +292,12 @@ def train(cfg, checkpoint, progress):
         print(" ".join(f"{history[-1][name]:>{width}{fmt}}" for name, width, fmt in COLUMNS), flush=True)
         if epoch + 1 == cfg.epochs:
             results = paper_evaluations(model, data, cfg, plain_seconds=history[-1]["eval_s"])
-        rng = {"cpu": torch.get_rng_state(), "data": generator.get_state()}  # uint8 tensors: weights_only loads them
-        if device.type in ("cuda", "mps"):
-            rng[device.type] = getattr(torch, device.type).get_rng_state()
+        rng = {"cpu": torch.get_rng_state(), "data": generator.get_state(),  # uint8 tensors: weights_only loads them
+               **{d: getattr(torch, d).get_rng_state() for d in ("cuda", "mps") if d == device.type}}
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), config=vars(cfg),
                      epoch=epoch + 1, step=step, history=history, results=results, rng=rng)
-        torch.save(dict(state, sha256=checksum(state)), buffer := io.BytesIO())  # in memory: a full disk fails
-        atomic_save(os.path.join(cfg.out, "checkpoint.pt"), buffer.getvalue())  # in atomic_save; the commit
+        torch.save(dict(state, sha256=checksum(state)), buffer := io.BytesIO())  # a full disk fails in atomic_save
+        atomic_save(os.path.join(cfg.out, "checkpoint.pt"), buffer.getvalue())  # the commit
         metrics = write_results(cfg, history, results, model, device)
     print(to_json({k: round(v, 4) for k, v in metrics.items() if k.startswith("test_acc")}))
 
@@ -359,15 +317,12 @@ def write_results(cfg, history, results, model, device):
 
 def to_json(value, **kwargs):
     """Strict JSON (no NaN or Infinity tokens, which strict parsers reject): a non-finite number becomes null."""
-    def finite(v):
-        if isinstance(v, (dict, list, tuple)):
-            return {k: finite(x) for k, x in v.items()} if isinstance(v, dict) else [finite(x) for x in v]
-        return None if isinstance(v, float) and not math.isfinite(v) else v
+    finite = lambda v: {k: finite(x) for k, x in v.items()} if isinstance(v, dict) else [finite(x) for x in v] \
+        if isinstance(v, (list, tuple)) else None if isinstance(v, float) and not math.isfinite(v) else v
     return json.dumps(finite(value), allow_nan=False, **kwargs)
 
 def atomic_save(path, data):
-    """Write `data` (str or bytes) to path.tmp, then os.replace it: no reader and no crash sees half a file; a
-    failed write (full or read-only disk) removes path.tmp and becomes one DataError line."""
+    """Write through path.tmp and os.replace: no reader or crash sees half a file; a failed write is one line."""
     try:
         with open(path + ".tmp", "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
@@ -377,43 +332,30 @@ def atomic_save(path, data):
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
-        raise DataError(f"could not write {path} ({e.strerror or e}); the run folder keeps its last complete "
-                        f"epoch: free some space or make it writable, then continue with --resume") from None
+        raise DataError(f"could not write {path} ({e.strerror or e}); the run folder keeps its last complete epoch: "
+                        f"free some space or make it writable, then continue with --resume") from None
 
-def checksum(value, digest=None):
-    """sha256 (hex) of a checkpoint's contents: every tensor's dtype, shape and bytes, every other value's repr."""
-    digest = digest or hashlib.sha256()
-    if isinstance(value, dict):
-        for key, item in value.items():                                     # torch.save keeps the order
-            digest.update(repr(key).encode())
-            checksum(item, digest)
-    elif isinstance(value, (list, tuple)):
-        digest.update(b"[%d]" % len(value))
-        for item in value:
-            checksum(item, digest)
-    elif isinstance(value, torch.Tensor):
-        value = value.detach().cpu().contiguous()
-        digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
-        digest.update(value.reshape(-1).view(torch.uint8).numpy())
-    else:
-        digest.update(repr(value).encode())
+def checksum(state):
+    """sha256 (hex) of a checkpoint: its JSON, each tensor as dtype and shape, then the tensors' bytes in order."""
+    tensors = []
+    digest = hashlib.sha256(json.dumps(state, default=lambda t: tensors.append(t) or f"{t.dtype}{list(t.shape)}").encode())
+    for t in tensors:
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 def load_checkpoint(path):
     """A checkpoint of this script, loaded with weights_only=True (it cannot run code) and matching its sha256."""
-    if not os.path.exists(path):
-        raise DataError(f"no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"no checkpoint at {path}") from None
     except Exception as e:
         raise DataError(f"refused to load {path}: weights_only loading accepts only tensors, numbers, strings, "
                         f"lists and dicts ({first_line(e)})") from None
     if missing := [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]:
-        raise DataError(f"{path} is not a checkpoint of this train_cifar.py (no {', '.join(missing)}); "
-                        f"start a new run with another --out")
+        raise DataError(f"{path} is not a checkpoint of this train_cifar.py (no {', '.join(missing)}); start anew")
     if checksum({k: v for k, v in checkpoint.items() if k != "sha256"}) != checkpoint["sha256"]:
-        raise DataError(f"{path} does not match its checksum (damaged on disk or in transfer); restore it from "
-                        f"a copy, or start a new run with another --out")
+        raise DataError(f"{path} does not match its checksum (damaged on disk or in transfer); restore a copy")
     return checkpoint
 
 def first_line(error):
@@ -421,15 +363,14 @@ def first_line(error):
 
 @contextlib.contextmanager
 def locked(out):
-    """An exclusive flock on out/.lock: one writer per run folder. The OS drops it when its process ends, however
-    it ends, so a killed run never blocks its --resume; the file stays, or two processes could lock two files."""
+    """An flock on out/.lock: one writer per run folder. The OS drops it when its process ends, however it ends."""
     with open(os.path.join(out, ".lock"), "a") as f:
         try:
             if fcntl is not None:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DataError(f"{out} is in use by another train_cifar.py process; wait for it to end, "
-                            f"or choose another --out") from None
+            raise DataError(f"{out} is in use by another train_cifar.py process; wait for it to end, or choose "
+                            f"another --out") from None
         yield
 
 # ----------------------------------------------------------------------------- the CIFAR files
@@ -437,11 +378,9 @@ def locked(out):
 DOWNLOAD_DEADLINE_S = 3600  # the whole tarball; each read also waits at most 60 s
 
 def ensure_cifar(spec, data_dir):
-    """The extracted CIFAR folder; if missing, download the tarball (unless present), check its md5, extract.
-
-    A tarball with another md5 becomes *.bad, never trusted again. Extraction goes into a temporary folder,
-    renamed into place once complete, through tarfile's "data" filter: no absolute paths, links out, devices.
-    """
+    """The CIFAR folder; if missing, download the tarball (unless present), check its md5 (another md5: *.bad,
+    never trusted again), extract with tarfile's "data" filter (no absolute paths, links out, devices) into a
+    temporary folder, renamed into place once complete."""
     folder, tarball = os.path.join(data_dir, spec["folder"]), os.path.join(data_dir, os.path.basename(spec["url"]))
     if os.path.isdir(folder):
         return folder
@@ -452,27 +391,22 @@ def ensure_cifar(spec, data_dir):
         md5 = hashlib.file_digest(f, "md5").hexdigest()
     if md5 != spec["md5"]:
         os.replace(tarball, tarball + ".bad")
-        raise DataError(f"{tarball} has md5 {md5}, expected {spec['md5']} (truncated or not the official "
-                        f"file); moved it to {tarball}.bad. Run again, or place the official tarball there")
-    tmp = tempfile.mkdtemp(prefix=".extract-", dir=data_dir)
-    try:
-        with tarfile.open(tarball) as tar:
-            tar.extractall(tmp, filter="data")
+        raise DataError(f"{tarball} has md5 {md5}, expected {spec['md5']} (truncated or not the official file); "
+                        f"moved it to {tarball}.bad. Run again, or place the official tarball there")
+    with tempfile.TemporaryDirectory(prefix=".extract-", dir=data_dir) as tmp:
+        try:
+            with tarfile.open(tarball) as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(f"could not extract {tarball} ({e}); delete it and run again") from None
         if not os.path.isdir(os.path.join(tmp, spec["folder"])):
             raise DataError(f"{tarball} has no {spec['folder']}/ inside; delete it and run again")
         os.replace(os.path.join(tmp, spec["folder"]), folder)
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"could not extract {tarball} ({e}); delete it and run again") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 def download(url, path):
-    """Stream `url` into path.part with a progress bar, then rename it: an interrupted download never looks complete.
-
-    A .part of an earlier attempt is continued with an HTTP Range request where the server allows it (206),
-    else started over; a server that trickles bytes is cut off after DOWNLOAD_DEADLINE_S seconds in all.
-    """
+    """Stream `url` into path.part, continued with an HTTP Range request where the server allows it, then rename
+    it: an interrupted download never looks complete; a trickle is cut off after DOWNLOAD_DEADLINE_S in all."""
     part, deadline = path + ".part", time.monotonic() + DOWNLOAD_DEADLINE_S
     done = os.path.getsize(part) if os.path.exists(part) else 0
     print(f"downloading {url} -> {path}" + (f", continuing after {done} bytes" if done else ""), file=sys.stderr)
@@ -480,32 +414,26 @@ def download(url, path):
         with urllib.request.urlopen(urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {}),
                                     timeout=60) as response:
             done = done if response.status == 206 else 0                    # 200: the whole file again
-            size = response.headers.get("Content-Length")
-            with open(part, "ab" if done else "wb") as f, tqdm(total=done + int(size) if size else None, initial=done,
-                                                                unit="B", unit_scale=True, unit_divisor=1024,
-                                                                desc="download", mininterval=1) as bar:
+            size = done + int(response.headers["Content-Length"]) if response.headers["Content-Length"] else None
+            with open(part, "ab" if done else "wb") as f, tqdm(total=size, initial=done, unit="B", unit_scale=True,
+                                                                unit_divisor=1024, desc="download", mininterval=1) as bar:
                 while chunk := response.read1(1 << 16):                     # returns what has arrived
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"not complete after {DOWNLOAD_DEADLINE_S} s")
                     bar.update(f.write(chunk))
-            if bar.total and bar.n < bar.total:
-                raise ConnectionError(f"cut off after {bar.n} of {bar.total} bytes")
+            if size and bar.n < size:
+                raise ConnectionError(f"cut off after {bar.n} of {size} bytes")
     except (OSError, ValueError, http.client.HTTPException) as e:  # offline, refused, timed out, cut off, disk full
-        if isinstance(e, urllib.error.HTTPError) or getattr(e, "errno", None) == errno.ENOSPC:
-            with contextlib.suppress(OSError):                              # nothing worth continuing
-                os.remove(part)
         raise DataError(f"could not download {url} ({e}); run again to continue it, or offline put "
-                        f"{os.path.basename(path)} into {os.path.dirname(path) or '.'} yourself, "
-                        f"or try --dataset synthetic") from None
+                        f"{os.path.basename(path)} into {os.path.dirname(path) or '.'} yourself, or try --dataset "
+                        f"synthetic") from None
     os.replace(part, path)
 
 class CifarUnpickler(pickle.Unpickler):
-    """Builds only what the official CIFAR files hold (Python 2 pickles of a dict of byte strings, ints, lists and
-    one uint8 array, naming only numpy's array reconstruction); a plain pickle.load calls whatever global a file
-    names (os.system, open, ...), so every other name is refused before it is called."""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-               ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    """Builds only what the official CIFAR files hold (Python 2 pickles of a dict of bytes, ints, lists and a uint8
+    array): a plain pickle.load calls whatever global a file names (os.system, open), so any other is refused."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _reconstruct, ("numpy", "ndarray"): np.ndarray,
+               ("numpy._core.multiarray", "_reconstruct"): _reconstruct, ("numpy", "dtype"): np.dtype}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -525,9 +453,8 @@ def read_batch(path, spec):
     except Exception as e:  # truncated, foreign or hostile: all mean "not an official batch file"
         raise DataError(f"{path} is not a valid CIFAR batch file ({type(e).__name__}: {e}); "
                         f"delete {folder} and run again") from None
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
-            and data.shape[1] == 3072 and labels.shape == (len(data),)
-            and (labels.size == 0 or 0 <= labels.min() <= labels.max() < spec["classes"])):
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
+            and labels.shape == (len(data),) and (labels.size == 0 or 0 <= labels.min() <= labels.max() < spec["classes"])):
         raise DataError(f"{path}: expected b'data', uint8 N x 3072, and N labels below {spec['classes']}; "
                         f"delete {folder} and run again")
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)  # rows: R, G, B
@@ -538,18 +465,14 @@ T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 def t_975(df):
-    """The 0.975 quantile of Student's t: the 3-decimal table for df <= 30, else its Cornish-Fisher expansion
-    around z = 1.96 (error < 1e-4 from df = 31 on)."""
+    """The 0.975 quantile of Student's t: a table up to df = 30, then a Cornish-Fisher expansion (error < 1e-4)."""
     z = 1.959964
     return T_975[df - 1] if df <= 30 else z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 def summarize(folders, baseline=None):
-    """A Markdown table of finished runs grouped by configuration (all but seed and out), mean ± sd per metric.
-
-    With `baseline` ("key=value,..." naming one group): each other group minus the baseline, paired by seed:
-    mean difference, 95% paired-t interval (mean ± t_975(n-1) sd / sqrt(n)), and in how many seeds the
-    difference has the sign of the mean.
-    """
+    """A Markdown table of finished runs grouped by configuration (all but seed and out), mean ± sd per metric;
+    with `baseline` ("key=value,..." naming one group), each other group minus it, paired by seed: mean
+    difference, 95% paired-t interval (mean ± t_975(n-1) sd / sqrt(n)), seeds agreeing with the mean's sign."""
     groups, left_out, scalar = {}, [], lambda v: type(v) in (int, float)
     for folder in folders:
         try:
@@ -584,7 +507,7 @@ def summarize(folders, baseline=None):
              + ", ".join(f"{k}={configs[0][k]}" for k in keys if k not in differ) + "."]
     lines += ["Left out, not finished: " + ", ".join(left_out) + "."] * bool(left_out)
     lines += table([f"{n} (n={len(r)})" for n, r in zip(names, groups)], lambda k, i: "—" if not len(
-        c := values[k][i]) else f"{c.mean():.{places[k]}f}" + f" ± {c.std(ddof=1):.{places[k]}f}" * (len(c) > 1))
+        c := values[k][i]) else f"{c.mean():.{places[k]}f}" + (f" ± {c.std(ddof=1):.{places[k]}f}" if len(c) > 1 else ""))
     if baseline is None:
         return "\n".join(lines)
     want = dict(item.partition("=")[::2] for item in baseline.split(","))
@@ -618,42 +541,37 @@ def number(kind, low, high=None, low_open=False):
     parse.__name__ = kind.__name__
     return parse
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr and exit code 2, without the usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
 def build_parser():
-    p = Parser(prog="train_cifar.py", description=__doc__.split("\n")[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="train_cifar.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")  # one line, no usage block
     add, count, positive, fraction = p.add_argument, number(int, 1), number(float, 0, low_open=True), number(float, 0, 1)
+    for flag, kind, default, text in [  # the numeric knobs; the others follow
+            ("--limit-train", count, None, "use the first N training images (all if unset)"),
+            ("--limit-test", count, None, "use the first N test images (all if unset)"),
+            ("--label-noise", fraction, 0.0, "move this fraction of the training labels to another class (test stay clean)"),
+            ("--drop-ratio", fraction, 0.3, "d; the paper's CIFAR setting"),
+            ("--block-size", count, 3, "s of dropkey_block / dropkey_cross (Table 2)"),
+            ("--patch-size", count, 4, "pixels per patch side; must divide 32"), ("--dim", count, 192, "token width"),
+            ("--depth", count, 6, "transformer blocks"), ("--heads", count, 3, "attention heads; must divide --dim"),
+            ("--mlp-ratio", positive, 2.0, "MLP hidden width / --dim"),
+            ("--epochs", count, 100, "training epochs, before any fine-tune"),
+            ("--batch-size", count, 128, "images per step (and per eval batch)"),
+            ("--lr", positive, 1e-3, "peak learning rate of AdamW"),
+            ("--weight-decay", number(float, 0.0), 0.05, "on >= 2-D tensors only"),
+            ("--warmup-epochs", number(float, 0.0), 10.0, "linear warm-up, then cosine to 0"),
+            ("--label-smoothing", fraction, 0.1, "of the training loss"),
+            ("--seed", int, 0, "init, batch order, augmentation, masks, synthetic data"),
+            ("--finetune-epochs", number(int, 0), 0, "then fine-tune without attention dropout (Table 4)"),
+            ("--finetune-lr", positive, 1e-5, "constant lr of the fine-tune (Sec. 4.1)"),
+            ("--mc-samples", number(int, 0), 0, "T > 0: also test with Monte-Carlo alignment (Table 4)")]:
+        add(flag, type=kind, default=default, help=text)
     add("--dataset", default="cifar10", choices=("cifar10", "cifar100", "synthetic"), help="synthetic: offline")
     add("--data-dir", default="data", help="holds the CIFAR tarball and folder; downloaded if missing")
-    add("--limit-train", type=count, default=None, help="use the first N training images (all if unset)")
-    add("--label-noise", type=fraction, default=0.0,
-        help="move this fraction of the training labels to another class (test labels stay clean)")
-    add("--limit-test", type=count, default=None, help="use the first N test images (all if unset)")
     add("--mode", default="dropkey", choices=dropkey.MODES, help="attention dropout (README, Modes)")
-    add("--drop-ratio", type=fraction, default=0.3, help="d; the paper's CIFAR setting")
     add("--schedule", default="decreasing", choices=dropkey.SCHEDULES, help="ratio per layer (Table 1)")
-    add("--block-size", type=count, default=3, help="s of dropkey_block / dropkey_cross (Table 2)")
-    add("--patch-size", type=count, default=4, help="pixels per patch side; must divide 32")
-    add("--dim", type=count, default=192, help="token width")
-    add("--depth", type=count, default=6, help="transformer blocks")
-    add("--heads", type=count, default=3, help="attention heads; must divide --dim")
-    add("--mlp-ratio", type=positive, default=2.0, help="MLP hidden width / --dim")
-    add("--epochs", type=count, default=100, help="training epochs, before any fine-tune")
-    add("--batch-size", type=count, default=128, help="images per step (and per eval batch)")
-    add("--lr", type=positive, default=1e-3, help="peak learning rate of AdamW")
-    add("--weight-decay", type=number(float, 0.0), default=0.05, help="on >= 2-D tensors only")
-    add("--warmup-epochs", type=number(float, 0.0), default=10.0, help="linear warm-up, then cosine to 0")
-    add("--label-smoothing", type=fraction, default=0.1, help="of the training loss")
-    add("--seed", type=int, default=0, help="init, batch order, augmentation, masks, synthetic data")
     add("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, mps, else cpu")
     add("--compile", action="store_true", help="train through torch.compile(model, fullgraph=True); eval stays eager")
-    add("--finetune-epochs", type=number(int, 0), default=0,
-        help="then fine-tune without attention dropout (Align Expectation, Table 4)")
-    add("--finetune-lr", type=positive, default=1e-5, help="constant lr of the fine-tune (Sec. 4.1)")
-    add("--mc-samples", type=number(int, 0), default=0, help="T > 0: also test with Monte-Carlo alignment (Table 4)")
     add("--align", default="none", choices=("none", "exact"), help="exact: also test with exact expected weights")
     add("--occlusion", action="store_true", help="also test with 10-90%% of the patches removed (Table 3)")
     add("--attention-map", action="store_true", help="write attention.png (Fig. 5)")
@@ -675,9 +593,8 @@ def resolve_device(name):
     return auto if name == "auto" else name
 
 def resolve_config(args, parser, argv=None):
-    """The run's configuration (a new Namespace; `args` stays as parsed) and the checkpoint to resume from. A
-    resumed run keeps its saved configuration: a flag given that differs from it is refused, even one equal to
-    its default, except --device, which moves the run to another device."""
+    """The run's configuration (a new Namespace) and the checkpoint to resume from. A resumed run keeps its saved
+    configuration: a flag given that differs from it is refused, even one equal to its default, but --device."""
     if args.resume is None:
         config = {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}
         out = args.out or os.path.join("runs", f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -687,14 +604,12 @@ def resolve_config(args, parser, argv=None):
         action.default = argparse.SUPPRESS
     given = vars(explicit.parse_args(argv))
     if "out" in given and os.path.realpath(given["out"]) != os.path.realpath(args.resume):
-        parser.error(f"--resume continues in its own folder {args.resume}; drop --out (to branch a run, "
-                     f"copy its folder and resume the copy)")
+        parser.error(f"--resume continues in its own folder {args.resume}; drop --out (or copy the folder)")
     checkpoint = load_checkpoint(os.path.join(args.resume, "checkpoint.pt"))
     saved = {"label_noise": 0.0, "compile": False, **checkpoint["config"]}  # runs saved before these flags
-    for key, value in given.items():
-        if key not in RUNTIME_FLAGS + ("device",) and value != saved.get(key):
-            parser.error(f"--resume continues with the saved configuration; drop --{key.replace('_', '-')} "
-                         f"(saved: {saved.get(key)})")
+    for key in [k for k in given if k not in RUNTIME_FLAGS + ("device",) and given[k] != saved.get(k)]:
+        parser.error(f"--resume continues with the saved configuration; drop --{key.replace('_', '-')} "
+                     f"(saved: {saved.get(key)})")
     device = resolve_device(args.device) if "device" in given else saved["device"]
     return argparse.Namespace(**{**saved, "out": args.resume, "device": device}), checkpoint
 
@@ -708,21 +623,19 @@ def check_config(cfg, parser):
         parser.error(f"--device {cfg.device}, but this torch cannot use it; choose another --device")
     if cfg.device == "mps" and cfg.align == "exact":
         parser.error("--align exact computes in float64, which MPS does not support; use --device cpu or cuda")
-    downloads = cfg.dataset != "synthetic" and not os.path.isdir(os.path.join(cfg.data_dir, CIFAR[cfg.dataset]["folder"]))
-    for flag, path in [("--out", cfg.out)] + [("--data-dir", cfg.data_dir)] * downloads:  # no write needed
+    download = cfg.dataset != "synthetic" and not os.path.isdir(os.path.join(cfg.data_dir, CIFAR[cfg.dataset]["folder"]))
+    for flag, path in [("--out", cfg.out)] + [("--data-dir", cfg.data_dir)] * download:  # checked without a write
         existing = path
         while not os.path.exists(existing):                                # its nearest existing ancestor
             existing = os.path.dirname(existing.rstrip(os.sep)) or "."
-        if not os.path.isdir(existing):
-            parser.error(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            parser.error(f"{flag} {path}: cannot write in {existing} (read-only or no permission); choose another {flag}")
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            parser.error(f"{flag} {path}: " + (f"cannot write in {existing} (read-only or no permission)" if
+                         os.path.isdir(existing) else f"{existing} is a file, not a folder") + f"; choose another {flag}")
     try:
         model = build_model(cfg, 100 if cfg.dataset == "cifar100" else 10).eval()
         if cfg.align == "exact":  # one forward pass finds what the model refuses, e.g. a structured mode
             model.align = "exact"
-            with torch.no_grad():
-                model(torch.zeros(1, 3, 32, 32))
+            model(torch.zeros(1, 3, 32, 32))
             model.align = "none"
     except ValueError as e:
         parser.error(str(e))
@@ -735,11 +648,10 @@ def main(argv=None):
         parser.error("--baseline needs --summarize")
     if args.baseline is not None and not all(k and "=" in k for k in args.baseline.split(",")):
         parser.error(f"--baseline {args.baseline}: expected KEY=VALUE[,KEY=VALUE...], e.g. mode=none")
-    if args.summarize is not None and args.dry_run:  # checks the flags only: the run folders may not exist yet
-        return print(f"dry run: configuration is valid; would summarize {len(args.summarize)} run folders")
     try:
-        if args.summarize is not None:
-            return print(summarize(args.summarize, args.baseline))
+        if args.summarize is not None:  # a dry run checks the flags only: the run folders may not exist yet
+            return print(f"dry run: configuration is valid; would summarize {len(args.summarize)} run folders"
+                         if args.dry_run else summarize(args.summarize, args.baseline))
         with contextlib.ExitStack() as held:  # the run folder's lock, released when main ends
             if args.resume is not None and not args.dry_run:  # locked before its checkpoint is read
                 if not os.path.isdir(args.resume):
@@ -753,9 +665,8 @@ def main(argv=None):
             if checkpoint is None and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
                 parser.error(f"{cfg.out} already holds a run; continue it with --resume {cfg.out}, or choose another --out")
             if args.dry_run:
-                return print(f"dry run: configuration is valid; {sum(p.numel() for p in model.parameters())} "
-                             f"parameters, layer drop ratios {[round(r, 3) for r in model.layer_ratios]}, "
-                             f"run folder {cfg.out}")
+                return print(f"dry run: configuration is valid; {sum(p.numel() for p in model.parameters())} parameters, "
+                             f"layer drop ratios {[round(r, 3) for r in model.layer_ratios]}, run folder {cfg.out}")
             train(cfg, checkpoint, progress=args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
     except DataError as e:
         sys.exit(f"error: {e}")
