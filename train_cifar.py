@@ -1,10 +1,9 @@
 """Train a ViT with any attention-dropout mode on CIFAR-10/100 or synthetic data; run the paper's evaluations.
 
-Li et al., "DropKey for Vision Transformer", CVPR 2023, Sec. 4.1: schedules (Table 1), structured drops
-(Table 2), occlusion (Table 3), expectation alignment (Table 4), class-token entropy (Fig. 4), attention maps
-(Fig. 5), each one command (README, "Train"). Reading order: data -> model, optimizer and lr schedule -> one
-training epoch -> the paper's evaluations -> the run folder (the loop over epochs; one checkpoint per epoch is
-its commit) -> the CIFAR files (download, md5, a restricted unpickler) -> --summarize -> command line.
+Li et al., "DropKey for Vision Transformer", CVPR 2023, Sec. 4.1: Tables 1-4 and Figs. 4-5 on CIFAR, each one
+command (README, "Train"). Reading order: data -> model, optimizer, lr schedule -> one training epoch -> the
+paper's evaluations -> the run folder (the loop over epochs; one checkpoint per epoch is the commit) -> the CIFAR
+files (download, md5, a restricted unpickler) -> --summarize -> command line.
 """
 import argparse, contextlib, hashlib, http.client, io, json, math, os, pickle, sys, tarfile, tempfile, time
 import urllib.request
@@ -72,8 +71,8 @@ def synthetic(n, seed, split="train", chunk=1000):
         freq = 2 * math.pi / torch.where(label < 5, 5.0, 10.0).view(chunk, 1, 1)
         phase = uniform(0, 2 * math.pi, 1, 1)
         wave = torch.cos(freq * (x * angle.cos() + y * angle.sin()) + phase)  # (chunk, 32, 32) stripes
-        f, ph = freq[kind.view(-1) == 4], phase[kind.view(-1) == 4]
-        wave[kind.view(-1) == 4] = 0.5 * (torch.cos(f * x + ph) + torch.cos(f * y + 1.7 * ph))  # plaid
+        f, ph, plaid = freq[kind.view(-1) == 4], phase[kind.view(-1) == 4], kind.view(-1) == 4
+        wave[plaid] = 0.5 * (torch.cos(f * x + ph) + torch.cos(f * y + 1.7 * ph))  # vertical + horizontal
         radius, cy, cx = uniform(11, 16, 1, 1), uniform(8, 24, 1, 1), uniform(8, 24, 1, 1)
         disc = ((y - cy) ** 2 + (x - cx) ** 2 < radius ** 2).float()        # (chunk, 32, 32)
         mix = (disc * (0.25 + 0.75 * (0.5 + 0.5 * wave))).unsqueeze(1)      # (chunk, 1, 32, 32); texture in [0, 1]
@@ -84,7 +83,7 @@ def synthetic(n, seed, split="train", chunk=1000):
     return torch.cat(images)[:n], torch.cat(labels)[:n]
 
 def noisy_labels(labels, fraction, classes, seed):
-    """A copy of `labels`, round(fraction * n) of them moved to another class: labels only memorisation can learn."""
+    """A copy of `labels`, round(fraction * n) of them moved to another class: labels only memorisation learns."""
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 2]).generate_state(1)[0]))
     changed = torch.randperm(len(labels), generator=g)[:round(fraction * len(labels))]
     shift = torch.randint(1, classes, (len(changed),), generator=g)     # never 0: the class always changes
@@ -161,11 +160,12 @@ def train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progres
         losses[i] = loss.detach()
         sums += torch.stack([loss.detach() * len(idx), (logits.argmax(1) == y).sum()])  # loss * images, correct
         if progress and ((i + 1) % PROGRESS_EVERY == 0 or i + 1 == steps_per_epoch):
-            seen, (loss_sum, correct) = min(n, (i + 1) * bs), sums.tolist()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+            seen, (loss_sum, correct), seconds = min(n, (i + 1) * bs), sums.tolist(), time.perf_counter() - start
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{seen / seconds:.0f}")
     check_finite(model, losses, cfg, epoch)
     (loss_sum, correct), seconds = sums.tolist(), time.perf_counter() - start
-    return dict(lr=lr, train_loss=loss_sum / n, train_acc=correct / n, images=n, time_s=seconds, images_per_s=n / seconds), step
+    return dict(lr=lr, train_loss=loss_sum / n, train_acc=correct / n, images=n, time_s=seconds,
+                images_per_s=n / seconds), step
 
 def check_finite(model, losses, cfg, epoch):
     """Stop at the first non-finite loss or weight; the epoch is never committed: the last finite checkpoint stays."""
@@ -173,7 +173,8 @@ def check_finite(model, losses, cfg, epoch):
     if bad_loss.any() or not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
         i = int(bad_loss.nonzero()[0]) if bad_loss.any() else len(losses) - 1
         what = f"the loss is {losses[i].item()}" if bad_loss.any() else "its update made a weight non-finite"
-        kept = f"{cfg.out} keeps the checkpoint of epoch {epoch}, the last finite one" if epoch else "no checkpoint was written"
+        kept = f"{cfg.out} keeps the checkpoint of epoch {epoch}, the last finite one" if epoch else \
+            "no checkpoint was written"
         flag, lr = ("--lr", cfg.lr) if epoch < cfg.epochs else ("--finetune-lr", cfg.finetune_lr)
         raise DataError(f"training diverged in epoch {epoch + 1}, step {i + 1} of {len(losses)}: {what}; "
                         f"{kept}; try a smaller {flag} (this run: {lr:g})")
@@ -269,8 +270,7 @@ def train(cfg, checkpoint, progress):
                 getattr(torch, device.type).set_rng_state(rng[device.type])
         else:
             print(f"resuming a {checkpoint['config']['device']} run on {device.type}: weights, optimizer, step, "
-                  f"history and the CPU random state are restored; batch order, augmentation and masks start "
-                  f"again from --seed {cfg.seed}, so the run no longer matches an uninterrupted one bit for bit")
+                  f"history and the CPU random state are restored; batch order, augmentation and masks are not")
         write_results(cfg, history, results, model, device)
     if start == (total := cfg.epochs + cfg.finetune_epochs):
         return print(f"{cfg.out} has finished all {total} epochs; log.jsonl and metrics.json are complete")
@@ -338,7 +338,8 @@ def atomic_save(path, data):
 def checksum(state):
     """sha256 (hex) of a checkpoint: its JSON, each tensor as dtype and shape, then the tensors' bytes in order."""
     tensors = []
-    digest = hashlib.sha256(json.dumps(state, default=lambda t: tensors.append(t) or f"{t.dtype}{list(t.shape)}").encode())
+    text = json.dumps(state, default=lambda t: tensors.append(t) or f"{t.dtype}{list(t.shape)}")
+    digest = hashlib.sha256(text.encode())
     for t in tensors:
         digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
@@ -379,8 +380,8 @@ DOWNLOAD_DEADLINE_S = 3600  # the whole tarball; each read also waits at most 60
 
 def ensure_cifar(spec, data_dir):
     """The CIFAR folder; if missing, download the tarball (unless present), check its md5 (another md5: *.bad,
-    never trusted again), extract with tarfile's "data" filter (no absolute paths, links out, devices) into a
-    temporary folder, renamed into place once complete."""
+    never trusted again), extract it into a temporary folder through tarfile's "data" filter (no absolute paths,
+    links out, devices), then rename the folder into place."""
     folder, tarball = os.path.join(data_dir, spec["folder"]), os.path.join(data_dir, os.path.basename(spec["url"]))
     if os.path.isdir(folder):
         return folder
@@ -415,8 +416,8 @@ def download(url, path):
                                     timeout=60) as response:
             done = done if response.status == 206 else 0                    # 200: the whole file again
             size = done + int(response.headers["Content-Length"]) if response.headers["Content-Length"] else None
-            with open(part, "ab" if done else "wb") as f, tqdm(total=size, initial=done, unit="B", unit_scale=True,
-                                                                unit_divisor=1024, desc="download", mininterval=1) as bar:
+            bar = tqdm(total=size, initial=done, unit="B", unit_scale=True, unit_divisor=1024, desc="download")
+            with open(part, "ab" if done else "wb") as f, bar:
                 while chunk := response.read1(1 << 16):                     # returns what has arrived
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"not complete after {DOWNLOAD_DEADLINE_S} s")
@@ -424,9 +425,8 @@ def download(url, path):
             if size and bar.n < size:
                 raise ConnectionError(f"cut off after {bar.n} of {size} bytes")
     except (OSError, ValueError, http.client.HTTPException) as e:  # offline, refused, timed out, cut off, disk full
-        raise DataError(f"could not download {url} ({e}); run again to continue it, or offline put "
-                        f"{os.path.basename(path)} into {os.path.dirname(path) or '.'} yourself, or try --dataset "
-                        f"synthetic") from None
+        raise DataError(f"could not download {url} ({e}); run again to continue it, or offline put {os.path.basename(path)}"
+                        f" into {os.path.dirname(path) or '.'}, or try --dataset synthetic") from None
     os.replace(part, path)
 
 class CifarUnpickler(pickle.Unpickler):
@@ -437,8 +437,7 @@ class CifarUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refused {module}.{name}: official CIFAR files never name it, "
-                                         f"and unpickling it could run code")
+            raise pickle.UnpicklingError(f"refused {module}.{name}: CIFAR files never name it; it could run code")
         return self.ALLOWED[(module, name)]
 
 def read_batch(path, spec):
@@ -451,12 +450,10 @@ def read_batch(path, spec):
     except FileNotFoundError:
         raise DataError(f"missing {path}; delete {folder} and run again to extract it anew") from None
     except Exception as e:  # truncated, foreign or hostile: all mean "not an official batch file"
-        raise DataError(f"{path} is not a valid CIFAR batch file ({type(e).__name__}: {e}); "
-                        f"delete {folder} and run again") from None
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
-            and labels.shape == (len(data),) and (labels.size == 0 or 0 <= labels.min() <= labels.max() < spec["classes"])):
-        raise DataError(f"{path}: expected b'data', uint8 N x 3072, and N labels below {spec['classes']}; "
-                        f"delete {folder} and run again")
+        raise DataError(f"{path} is not a valid CIFAR batch file ({type(e).__name__}: {e}); delete {folder}") from None
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] == (3072,)
+            and labels.shape == (len(data),) and np.all((0 <= labels) & (labels < spec["classes"]))):
+        raise DataError(f"{path}: expected b'data', uint8 N x 3072, N labels below {spec['classes']}; delete {folder}")
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)  # rows: R, G, B
 
 # ----------------------------------------------------------------------------- --summarize
@@ -506,8 +503,8 @@ def summarize(folders, baseline=None):
     lines = [f"{sum(map(len, groups))} runs in {len(groups)} configurations; common to all: "
              + ", ".join(f"{k}={configs[0][k]}" for k in keys if k not in differ) + "."]
     lines += ["Left out, not finished: " + ", ".join(left_out) + "."] * bool(left_out)
-    lines += table([f"{n} (n={len(r)})" for n, r in zip(names, groups)], lambda k, i: "—" if not len(
-        c := values[k][i]) else f"{c.mean():.{places[k]}f}" + (f" ± {c.std(ddof=1):.{places[k]}f}" if len(c) > 1 else ""))
+    cell = lambda c, p: f"{c.mean():.{p}f}" + (f" ± {c.std(ddof=1):.{p}f}" if len(c) > 1 else "") if len(c) else "—"
+    lines += table([f"{n} (n={len(r)})" for n, r in zip(names, groups)], lambda k, i: cell(values[k][i], places[k]))
     if baseline is None:
         return "\n".join(lines)
     want = dict(item.partition("=")[::2] for item in baseline.split(","))
@@ -535,8 +532,8 @@ def number(kind, low, high=None, low_open=False):
     """argparse type: a `kind` in [low, high), or (low, high) with low_open; argparse names `kind` in its errors."""
     def parse(text):
         if (value := kind(text)) < low or (low_open and value == low) or (high is not None and value >= high):
-            raise argparse.ArgumentTypeError(f"{text} is out of range (need {'>' if low_open else '>='} {low}"
-                                             + (f" and < {high})" if high is not None else ")"))
+            need = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"{text} is out of range (need {need})")
         return value
     parse.__name__ = kind.__name__
     return parse
@@ -545,11 +542,12 @@ def build_parser():
     p = argparse.ArgumentParser(prog="train_cifar.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")  # one line, no usage block
-    add, count, positive, fraction = p.add_argument, number(int, 1), number(float, 0, low_open=True), number(float, 0, 1)
+    add, count, fraction = p.add_argument, number(int, 1), number(float, 0, 1)
+    positive = number(float, 0, low_open=True)
     for flag, kind, default, text in [  # the numeric knobs; the others follow
             ("--limit-train", count, None, "use the first N training images (all if unset)"),
             ("--limit-test", count, None, "use the first N test images (all if unset)"),
-            ("--label-noise", fraction, 0.0, "move this fraction of the training labels to another class (test stay clean)"),
+            ("--label-noise", fraction, 0.0, "move this fraction of training labels to another class (not test)"),
             ("--drop-ratio", fraction, 0.3, "d; the paper's CIFAR setting"),
             ("--block-size", count, 3, "s of dropkey_block / dropkey_cross (Table 2)"),
             ("--patch-size", count, 4, "pixels per patch side; must divide 32"), ("--dim", count, 192, "token width"),
@@ -623,14 +621,18 @@ def check_config(cfg, parser):
         parser.error(f"--device {cfg.device}, but this torch cannot use it; choose another --device")
     if cfg.device == "mps" and cfg.align == "exact":
         parser.error("--align exact computes in float64, which MPS does not support; use --device cpu or cuda")
-    download = cfg.dataset != "synthetic" and not os.path.isdir(os.path.join(cfg.data_dir, CIFAR[cfg.dataset]["folder"]))
-    for flag, path in [("--out", cfg.out)] + [("--data-dir", cfg.data_dir)] * download:  # checked without a write
+    paths = [("--out", cfg.out)]  # checked without a write; --data-dir where it will download and extract
+    if cfg.dataset != "synthetic" and not os.path.isdir(os.path.join(cfg.data_dir, CIFAR[cfg.dataset]["folder"])):
+        paths.append(("--data-dir", cfg.data_dir))
+    for flag, path in paths:
         existing = path
         while not os.path.exists(existing):                                # its nearest existing ancestor
             existing = os.path.dirname(existing.rstrip(os.sep)) or "."
-        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-            parser.error(f"{flag} {path}: " + (f"cannot write in {existing} (read-only or no permission)" if
-                         os.path.isdir(existing) else f"{existing} is a file, not a folder") + f"; choose another {flag}")
+        if not os.path.isdir(existing):
+            parser.error(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            parser.error(f"{flag} {path}: cannot write in {existing} (read-only or no permission); choose another "
+                         f"{flag}")
     try:
         model = build_model(cfg, 100 if cfg.dataset == "cifar100" else 10).eval()
         if cfg.align == "exact":  # one forward pass finds what the model refuses, e.g. a structured mode
@@ -663,10 +665,12 @@ def main(argv=None):
                 os.makedirs(cfg.out, exist_ok=True)
                 held.enter_context(locked(cfg.out))
             if checkpoint is None and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
-                parser.error(f"{cfg.out} already holds a run; continue it with --resume {cfg.out}, or choose another --out")
+                parser.error(f"{cfg.out} already holds a run; continue it with --resume {cfg.out}, or choose "
+                             f"another --out")
             if args.dry_run:
-                return print(f"dry run: configuration is valid; {sum(p.numel() for p in model.parameters())} parameters, "
-                             f"layer drop ratios {[round(r, 3) for r in model.layer_ratios]}, run folder {cfg.out}")
+                return print(f"dry run: configuration is valid; {sum(p.numel() for p in model.parameters())} "
+                             f"parameters, layer drop ratios {[round(r, 3) for r in model.layer_ratios]}, run "
+                             f"folder {cfg.out}")
             train(cfg, checkpoint, progress=args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
     except DataError as e:
         sys.exit(f"error: {e}")
