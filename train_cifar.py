@@ -425,8 +425,9 @@ def download(url, path):
             if size and bar.n < size:
                 raise ConnectionError(f"cut off after {bar.n} of {size} bytes")
     except (OSError, ValueError, http.client.HTTPException) as e:  # offline, refused, timed out, cut off, disk full
-        raise DataError(f"could not download {url} ({e}); run again to continue it, or offline put {os.path.basename(path)}"
-                        f" into {os.path.dirname(path) or '.'}, or try --dataset synthetic") from None
+        where = f"{os.path.basename(path)} into {os.path.dirname(path) or '.'}"
+        raise DataError(f"could not download {url} ({e}); run again to continue it, or offline put {where} "
+                        f"yourself, or try --dataset synthetic") from None
     os.replace(part, path)
 
 class CifarUnpickler(pickle.Unpickler):
@@ -542,34 +543,35 @@ def build_parser():
     p = argparse.ArgumentParser(prog="train_cifar.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")  # one line, no usage block
-    add, count, fraction = p.add_argument, number(int, 1), number(float, 0, 1)
-    positive = number(float, 0, low_open=True)
-    for flag, kind, default, text in [  # the numeric knobs; the others follow
-            ("--limit-train", count, None, "use the first N training images (all if unset)"),
-            ("--limit-test", count, None, "use the first N test images (all if unset)"),
-            ("--label-noise", fraction, 0.0, "move this fraction of training labels to another class (not test)"),
-            ("--drop-ratio", fraction, 0.3, "d; the paper's CIFAR setting"),
-            ("--block-size", count, 3, "s of dropkey_block / dropkey_cross (Table 2)"),
-            ("--patch-size", count, 4, "pixels per patch side; must divide 32"), ("--dim", count, 192, "token width"),
-            ("--depth", count, 6, "transformer blocks"), ("--heads", count, 3, "attention heads; must divide --dim"),
-            ("--mlp-ratio", positive, 2.0, "MLP hidden width / --dim"),
-            ("--epochs", count, 100, "training epochs, before any fine-tune"),
-            ("--batch-size", count, 128, "images per step (and per eval batch)"),
-            ("--lr", positive, 1e-3, "peak learning rate of AdamW"),
-            ("--weight-decay", number(float, 0.0), 0.05, "on >= 2-D tensors only"),
-            ("--warmup-epochs", number(float, 0.0), 10.0, "linear warm-up, then cosine to 0"),
-            ("--label-smoothing", fraction, 0.1, "of the training loss"),
-            ("--seed", int, 0, "init, batch order, augmentation, masks, synthetic data"),
-            ("--finetune-epochs", number(int, 0), 0, "then fine-tune without attention dropout (Table 4)"),
-            ("--finetune-lr", positive, 1e-5, "constant lr of the fine-tune (Sec. 4.1)"),
-            ("--mc-samples", number(int, 0), 0, "T > 0: also test with Monte-Carlo alignment (Table 4)")]:
-        add(flag, type=kind, default=default, help=text)
+    add, count, positive = p.add_argument, number(int, 1), number(float, 0.0, low_open=True)
     add("--dataset", default="cifar10", choices=("cifar10", "cifar100", "synthetic"), help="synthetic: offline")
     add("--data-dir", default="data", help="holds the CIFAR tarball and folder; downloaded if missing")
+    add("--limit-train", type=count, default=None, help="use the first N training images (all if unset)")
+    add("--label-noise", type=number(float, 0.0, 1.0), default=0.0,
+        help="move this fraction of the training labels to another class (test labels stay clean)")
+    add("--limit-test", type=count, default=None, help="use the first N test images (all if unset)")
     add("--mode", default="dropkey", choices=dropkey.MODES, help="attention dropout (README, Modes)")
+    add("--drop-ratio", type=number(float, 0.0, 1.0), default=0.3, help="d; the paper's CIFAR setting")
     add("--schedule", default="decreasing", choices=dropkey.SCHEDULES, help="ratio per layer (Table 1)")
+    add("--block-size", type=count, default=3, help="s of dropkey_block / dropkey_cross (Table 2)")
+    add("--patch-size", type=count, default=4, help="pixels per patch side; must divide 32")
+    add("--dim", type=count, default=192, help="token width")
+    add("--depth", type=count, default=6, help="transformer blocks")
+    add("--heads", type=count, default=3, help="attention heads; must divide --dim")
+    add("--mlp-ratio", type=positive, default=2.0, help="MLP hidden width / --dim")
+    add("--epochs", type=count, default=100, help="training epochs, before any fine-tune")
+    add("--batch-size", type=count, default=128, help="images per step (and per eval batch)")
+    add("--lr", type=positive, default=1e-3, help="peak learning rate of AdamW")
+    add("--weight-decay", type=number(float, 0.0), default=0.05, help="on >= 2-D tensors only")
+    add("--warmup-epochs", type=number(float, 0.0), default=10.0, help="linear warm-up, then cosine to 0")
+    add("--label-smoothing", type=number(float, 0.0, 1.0), default=0.1, help="of the training loss")
+    add("--seed", type=int, default=0, help="init, batch order, augmentation, masks, synthetic data")
     add("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, mps, else cpu")
     add("--compile", action="store_true", help="train through torch.compile(model, fullgraph=True); eval stays eager")
+    add("--finetune-epochs", type=number(int, 0), default=0,
+        help="then fine-tune without attention dropout (Align Expectation, Table 4)")
+    add("--finetune-lr", type=positive, default=1e-5, help="constant lr of the fine-tune (Sec. 4.1)")
+    add("--mc-samples", type=number(int, 0), default=0, help="T > 0: also test with Monte-Carlo alignment (Table 4)")
     add("--align", default="none", choices=("none", "exact"), help="exact: also test with exact expected weights")
     add("--occlusion", action="store_true", help="also test with 10-90%% of the patches removed (Table 3)")
     add("--attention-map", action="store_true", help="write attention.png (Fig. 5)")
