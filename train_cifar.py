@@ -71,7 +71,8 @@ def synthetic(n, seed, split="train", chunk=1000):
         freq = 2 * math.pi / torch.where(label < 5, 5.0, 10.0).view(chunk, 1, 1)
         phase = uniform(0, 2 * math.pi, 1, 1)
         wave = torch.cos(freq * (x * angle.cos() + y * angle.sin()) + phase)  # (chunk, 32, 32) stripes
-        f, ph, plaid = freq[kind.view(-1) == 4], phase[kind.view(-1) == 4], kind.view(-1) == 4
+        plaid = kind.view(-1) == 4
+        f, ph = freq[plaid], phase[plaid]
         wave[plaid] = 0.5 * (torch.cos(f * x + ph) + torch.cos(f * y + 1.7 * ph))  # vertical + horizontal
         radius, cy, cx = uniform(11, 16, 1, 1), uniform(8, 24, 1, 1), uniform(8, 24, 1, 1)
         disc = ((y - cy) ** 2 + (x - cx) ** 2 < radius ** 2).float()        # (chunk, 32, 32)
@@ -224,11 +225,12 @@ def save_attention_map(model, data, path, count=4):
 def paper_evaluations(model, data, cfg, plain_seconds):
     """The paper's analyses of the model as trained, before any fine-tune: Table 4, Fig. 4, Table 3, Fig. 5."""
     results, seconds = {}, {"plain": plain_seconds}
-    for key, mc_samples, align in [("mc", cfg.mc_samples, "none")] * bool(cfg.mc_samples) + [
-            ("exact", 0, "exact")] * (cfg.align == "exact"):  # accuracy and cost of each alignment (Table 4)
-        start, (model.mc_samples, model.align) = time.perf_counter(), (mc_samples, align)
+    alignments = [("mc", cfg.mc_samples, "none")] if cfg.mc_samples else []
+    alignments += [("exact", 0, "exact")] if cfg.align == "exact" else []
+    for key, mc_samples, align in alignments:  # accuracy and cost of each alignment (Table 4)
+        start, model.mc_samples, model.align = time.perf_counter(), mc_samples, align
         results[f"test_acc_{key}"] = evaluate(model, data, cfg)[1]
-        seconds[key], (model.mc_samples, model.align) = time.perf_counter() - start, (0, "none")
+        seconds[key], model.mc_samples, model.align = time.perf_counter() - start, 0, "none"
     results.update(eval_time_s=seconds, cls_attention_entropy=entropy_per_layer(model, data, cfg))
     # the training split in eval mode (no dropout, no augmentation, its labels as trained on): train_acc_eval -
     # test_acc is the generalisation gap; train_acc is measured during the epoch, under dropout and augmentation
