@@ -1417,6 +1417,7 @@ def test_trainer_epoch_has_no_host_sync_per_step_and_the_bar_reads_every_few_ste
 
 def test_trainer_compile_trains_through_torch_compile_and_records_it(tmp_path, monkeypatch):
     """A tiny model, one epoch on the CPU with inductor (about 10 s, the C++ compiler included)."""
+    torch._dynamo.reset()  # no traces left by other tests' compiled models
     calls, real = [], torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or real(model, **kwargs))
     out = tmp_path / "run"
@@ -1430,6 +1431,7 @@ def test_trainer_compile_trains_through_torch_compile_and_records_it(tmp_path, m
 def test_trainer_compile_failure_is_one_line_and_commits_nothing(tmp_path, monkeypatch, capsys):
     """No working C++ compiler (a path that does not exist), and no cached kernels to fall back on."""
     import torch._inductor.config as inductor
+    torch._dynamo.reset()
     monkeypatch.setattr(inductor.cpp, "cxx", (None, str(tmp_path / "no-such-c++")))
     monkeypatch.setattr(inductor, "fx_graph_cache", False)
     out = tmp_path / "run"

@@ -257,6 +257,7 @@ def train(cfg, checkpoint, progress):
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data["classes"]).to(device)
     trained = torch.compile(model, fullgraph=True) if cfg.compile else model  # evaluations stay eager
+    compile_errors = torch._dynamo.exc.TorchDynamoException if cfg.compile else ()  # raised at the first step
     optimizer, start, step, history, results = build_optimizer(model, cfg), 0, 0, [], {}
     generator = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and augmentation
     for name in [n for n in os.listdir(cfg.out) if n.endswith(".tmp")]:  # left by a run that died writing
@@ -285,7 +286,7 @@ def train(cfg, checkpoint, progress):
             block.attn.mode = cfg.mode if stage == "train" else "none"
         try:
             stats, step = train_one_epoch(trained, optimizer, data, cfg, epoch, step, generator, progress)
-        except torch._dynamo.exc.TorchDynamoException as e:  # only a compiled model raises it, at its first step
+        except compile_errors as e:
             raise DataError(f"--compile: torch.compile failed ({first_line(e)}); run without --compile") from None
         start_eval = time.perf_counter()
         test_loss, test_acc = evaluate(model, data, cfg)
