@@ -1130,6 +1130,26 @@ def test_trainer_tarball_without_the_folder_leaves_nothing_half_extracted(tmp_pa
     assert os.listdir(data_dir) == ["cifar-10-python.tar.gz"]
 
 
+@pytest.mark.parametrize("member", ["a path out of the folder", "a link out of the folder"])
+def test_trainer_tarball_reaching_out_of_its_folder_is_refused_and_writes_nothing(tmp_path, monkeypatch, member):
+    data_dir, outside = tmp_path / "data", tmp_path / "outside"
+    data_dir.mkdir()
+    tarball = data_dir / "cifar-10-python.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        if member == "a path out of the folder":
+            info = tarfile.TarInfo("cifar-10-batches-py/../../outside")
+            info.size = 5
+            tar.addfile(info, io.BytesIO(b"owned"))
+        else:
+            info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+            info.type, info.linkname = tarfile.SYMTYPE, str(outside)
+            tar.addfile(info)
+    monkeypatch.setitem(train_cifar.CIFAR["cifar10"], "md5", hashlib.md5(tarball.read_bytes()).hexdigest())
+    with pytest.raises(train_cifar.DataError, match="could not extract .*; delete it and run again"):
+        train_cifar.load_data(_cfg("cifar10", data_dir), torch.device("cpu"))
+    assert not outside.exists() and os.listdir(data_dir) == ["cifar-10-python.tar.gz"]
+
+
 def test_trainer_failed_download_is_one_clear_error_and_leaves_no_part_file(tmp_path, monkeypatch):
     monkeypatch.setitem(train_cifar.CIFAR["cifar10"], "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     with pytest.raises(train_cifar.DataError, match="could not download .* or try --dataset synthetic"):
