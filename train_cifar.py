@@ -320,9 +320,7 @@ def write_results(cfg, history, results, model, device):
 
 def to_json(value, **kwargs):
     """Strict JSON (no NaN or Infinity tokens, which strict parsers reject): a non-finite number becomes null."""
-    finite = lambda v: {k: finite(x) for k, x in v.items()} if isinstance(v, dict) else [finite(x) for x in v] \
-        if isinstance(v, (list, tuple)) else None if isinstance(v, float) and not math.isfinite(v) else v
-    return json.dumps(finite(value), allow_nan=False, **kwargs)
+    return json.dumps(json.loads(json.dumps(value), parse_constant=lambda token: None), allow_nan=False, **kwargs)
 
 def atomic_save(path, data):
     """Write through path.tmp and os.replace: no reader or crash sees half a file; a failed write is one line."""
