@@ -1326,6 +1326,26 @@ def test_trainer_tarball_without_the_folder_leaves_nothing_half_extracted(tmp_pa
     assert os.listdir(data_dir) == ["cifar-10-python.tar.gz"]
 
 
+@pytest.mark.parametrize("member", ["a path out of the folder", "a link out of the folder"])
+def test_trainer_tarball_reaching_out_of_its_folder_is_refused_and_writes_nothing(tmp_path, monkeypatch, member):
+    data_dir, outside = tmp_path / "data", tmp_path / "outside"
+    data_dir.mkdir()
+    tarball = data_dir / "cifar-10-python.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        if member == "a path out of the folder":
+            info = tarfile.TarInfo("cifar-10-batches-py/../../outside")
+            info.size = 5
+            tar.addfile(info, io.BytesIO(b"owned"))
+        else:
+            info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+            info.type, info.linkname = tarfile.SYMTYPE, str(outside)
+            tar.addfile(info)
+    monkeypatch.setitem(train_cifar.CIFAR["cifar10"], "md5", hashlib.md5(tarball.read_bytes()).hexdigest())
+    with pytest.raises(train_cifar.DataError, match="could not extract .*; delete it and run again"):
+        train_cifar.load_data(_cfg("cifar10", data_dir), torch.device("cpu"))
+    assert not outside.exists() and os.listdir(data_dir) == ["cifar-10-python.tar.gz"]
+
+
 def test_trainer_failed_download_is_one_clear_error_and_leaves_no_part_file(tmp_path, monkeypatch):
     monkeypatch.setitem(train_cifar.CIFAR["cifar10"], "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     with pytest.raises(train_cifar.DataError, match="could not download .* or try --dataset synthetic"):
@@ -1566,6 +1586,75 @@ def test_trainer_align_exact_reports_test_acc_exact(tmp_path):
                                  "--out", str(tmp_path / "run")])
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert 0.0 <= metrics["test_acc_exact"] <= 1.0 and "exact" in metrics["eval_time_s"]
+
+
+def _epoch_syncs(monkeypatch, n, progress):
+    """Host syncs made by train_cifar's own lines during one epoch of n images in batches of 8, counted by wrapping
+    every Tensor method that returns a Python value; the postfixes the progress bar showed; the epoch's stats."""
+    syncs, postfixes = [], []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "__format__"):
+        def counted(self, *args, _real=getattr(torch.Tensor, name), _name=name, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__") == "train_cifar":
+                syncs.append(_name)
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    class Bar(list):  # stands for tqdm: iterates, records what set_postfix shows
+        def __init__(self, steps, **kwargs):
+            super().__init__(steps)
+
+        def set_postfix(self, **shown):
+            postfixes.append(shown)
+    monkeypatch.setattr(train_cifar, "tqdm", Bar)
+    cfg = argparse.Namespace(batch_size=8, lr=1e-3, warmup_epochs=0, epochs=1, finetune_lr=1e-5, weight_decay=0.05,
+                             label_smoothing=0.1, out="unused")
+    torch.manual_seed(0)
+    model = ViT(dim=16, depth=1, heads=2, patch_size=8)
+    images, labels = train_cifar.synthetic(n, seed=0)
+    data = dict(train=(images, labels), mean=torch.zeros(1, 3, 1, 1), std=torch.ones(1, 3, 1, 1))
+    with _one_thread():
+        stats, step = train_cifar.train_one_epoch(model, train_cifar.build_optimizer(model, cfg), data, cfg, 0, 0,
+                                                  torch.Generator().manual_seed(0), progress)
+    monkeypatch.undo()
+    return len(syncs), postfixes, stats
+
+
+def test_trainer_epoch_has_no_host_sync_per_step_and_the_bar_reads_every_few_steps(monkeypatch):
+    """40 steps: the bar reads the running sums at steps 20 and 40 (PROGRESS_EVERY = 20), one sync each; without
+    the bar, 40 steps cost the same syncs as 8 (those of the epoch's end). A sync per step would add 32."""
+    assert train_cifar.PROGRESS_EVERY == 20
+    quiet_long, _, _ = _epoch_syncs(monkeypatch, 320, progress=False)
+    quiet_short, _, _ = _epoch_syncs(monkeypatch, 64, progress=False)
+    shown_long, postfixes, stats = _epoch_syncs(monkeypatch, 320, progress=True)
+    assert quiet_long == quiet_short <= 4
+    assert shown_long - quiet_long == 2 and len(postfixes) == 2
+    assert postfixes[-1]["loss"] == f"{stats['train_loss']:.3f}" and postfixes[-1]["acc"] == f"{stats['train_acc']:.3f}"
+
+
+def test_trainer_compile_trains_through_torch_compile_and_records_it(tmp_path, monkeypatch):
+    """A tiny model, one epoch on the CPU with inductor (about 10 s, the C++ compiler included)."""
+    torch._dynamo.reset()  # no traces left by other tests' compiled models
+    calls, real = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or real(model, **kwargs))
+    out = tmp_path / "run"
+    assert _run(SMALL[:-4] + ["--epochs", "1", "--compile", "--out", str(out)]) is None
+    checkpoint, log, metrics, _ = _folder(out)
+    assert calls == [dict(fullgraph=True)] and metrics["config"]["compile"] and checkpoint["config"]["compile"]
+    assert metrics["finished"] and math.isfinite(log[0]["train_loss"]) and 0 <= metrics["test_acc"] <= 1
+    assert _run(["--resume", str(out), "--compile"]) is None                  # as saved: accepted
+
+
+def test_trainer_compile_failure_is_one_line_and_commits_nothing(tmp_path, monkeypatch, capsys):
+    """No working C++ compiler (a path that does not exist), and no cached kernels to fall back on."""
+    import torch._inductor.config as inductor
+    torch._dynamo.reset()
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, str(tmp_path / "no-such-c++")))
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)
+    out = tmp_path / "run"
+    message = _run(SMALL[:-4] + ["--epochs", "1", "--dim", "24", "--compile", "--out", str(out)])
+    assert message.startswith("error: --compile: torch.compile failed (") and "C++ compiler" in message
+    assert message.endswith("; run without --compile") and "\n" not in message
+    assert "Traceback" not in capsys.readouterr().err and sorted(os.listdir(out)) == [".lock"]
 
 
 # ============================================================================ docs: README

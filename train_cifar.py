@@ -1,33 +1,11 @@
 """Train a ViT with any attention-dropout mode on CIFAR-10/100 or synthetic data; run the paper's evaluations.
 
-Li et al., "DropKey for Vision Transformer", CVPR 2023, Sec. 4.1: each CIFAR
-experiment is one command: schedules (Table 1), structured drops (Table 2),
-occlusion (Table 3), expectation alignment (Table 4), class-token entropy
-(Fig. 4), attention maps (Fig. 5). The README's "Train" section lists them.
-
-Reading order: data (download, md5, a restricted unpickler, a synthetic set,
-crop + flip on whole batches) -> model and optimizer -> lr schedule ->
-evaluate -> train -> main. A run writes checkpoint.pt, log.jsonl (one row per
-epoch) and metrics.json into --out, each replaced atomically every epoch in
-that order (commit() says why), and attention.png with --attention-map. One
-process at a time writes a run folder (an flock on its .lock file).
+Li et al., "DropKey for Vision Transformer", CVPR 2023, Sec. 4.1: Tables 1-4 and Figs. 4-5 on CIFAR, each one
+command (README, "Train"). Reading order: data -> model, optimizer, lr schedule -> one training epoch -> the
+paper's evaluations -> the run folder (the loop over epochs; one checkpoint per epoch is the commit) -> the CIFAR
+files (download, md5, a restricted unpickler) -> --summarize -> command line.
 """
-import argparse
-import contextlib
-import errno
-import hashlib
-import http.client
-import io
-import json
-import math
-import os
-import pickle
-import shutil
-import sys
-import tarfile
-import tempfile
-import time
-import urllib.error
+import argparse, contextlib, hashlib, http.client, io, json, math, os, pickle, sys, tarfile, tempfile, time
 import urllib.request
 
 import numpy as np
@@ -38,10 +16,7 @@ from tqdm import tqdm
 import dropkey
 from vit import ViT, cls_attention_entropy
 
-try:
-    import fcntl
-except ImportError:  # Windows: run folders are not locked there
-    fcntl = None
+fcntl = __import__("fcntl") if os.name == "posix" else None  # elsewhere (Windows) run folders are not locked
 try:
     from numpy._core.multiarray import _reconstruct  # numpy >= 2
 except ImportError:
@@ -52,186 +27,64 @@ except ImportError:
 CIFAR = {  # the official python tarballs, their md5 and per-channel statistics
     "cifar10": dict(url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
                     md5="c58f30108f718f92721af3b95e74349a", folder="cifar-10-batches-py",
-                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
-                    label_key=b"labels", classes=10,
-                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"], label_key=b"labels",
+                    classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
     "cifar100": dict(url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                     md5="eb9058c3a382ffc7106e4002c42a8d85", folder="cifar-100-python",
-                     train=["train"], test=["test"], label_key=b"fine_labels", classes=100,
-                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
-}
+                     md5="eb9058c3a382ffc7106e4002c42a8d85", folder="cifar-100-python", train=["train"],
+                     test=["test"], label_key=b"fine_labels", classes=100,
+                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762))}
 SYNTHETIC = dict(train=10000, test=2000, classes=10,  # mean and std measured on the seed-0 train split
                  mean=(0.4130, 0.4115, 0.4118), std=(0.2333, 0.2339, 0.2332))
 
-
 class DataError(Exception):
-    """A problem with files or the download; main prints it as one line, without a traceback."""
+    """A problem with the data, the run folder or training; main prints it as one line, without a traceback."""
 
-
-def verify_md5(path, expected):
-    """Raise DataError unless `path` has md5 `expected`; a bad file is renamed to *.bad, never trusted again."""
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != expected:
-        os.replace(path, path + ".bad")
-        raise DataError(f"{path} has md5 {digest.hexdigest()}, expected {expected} (truncated or not the "
-                        f"official file); moved it to {path}.bad. Run again, or place the official tarball there")
-
-
-DOWNLOAD_DEADLINE_S = 3600  # the whole tarball; each read also waits at most 60 s
-
-
-def download(url, path):
-    """Stream `url` into path.part with a progress bar, then rename it: an interrupted download never looks complete.
-
-    A .part left by an earlier attempt is continued with an HTTP Range request
-    where the server allows it (it answers 206), else started over. A server
-    that trickles bytes is cut off after DOWNLOAD_DEADLINE_S seconds in all.
-    """
-    part, deadline = path + ".part", time.monotonic() + DOWNLOAD_DEADLINE_S
-    done = os.path.getsize(part) if os.path.exists(part) else 0
-    print(f"downloading {url} -> {path}" + (f", continuing after {done} bytes" if done else ""), file=sys.stderr)
-    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            done = done if response.status == 206 else 0                    # 200: the whole file again
-            size = response.headers.get("Content-Length")
-            with open(part, "ab" if done else "wb") as f, \
-                    tqdm(total=done + int(size) if size else None, initial=done, unit="B", unit_scale=True,
-                         unit_divisor=1024, desc="download", mininterval=1) as bar:
-                while chunk := response.read1(1 << 16):                     # returns what has arrived
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"not complete after {DOWNLOAD_DEADLINE_S} s")
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            if bar.total and bar.n < bar.total:
-                raise ConnectionError(f"cut off after {bar.n} of {bar.total} bytes")
-    except (OSError, ValueError, http.client.HTTPException) as e:  # offline, refused, timed out, cut off, disk full
-        if isinstance(e, urllib.error.HTTPError) or getattr(e, "errno", None) == errno.ENOSPC:
-            with contextlib.suppress(OSError):                              # nothing worth continuing
-                os.remove(part)
-        raise DataError(f"could not download {url} ({e}); run again to continue it, or offline put "
-                        f"{os.path.basename(path)} into {os.path.dirname(path) or '.'} yourself, "
-                        f"or try --dataset synthetic") from None
-    os.replace(part, path)
-
-
-def extract(tarball, data_dir, folder):
-    """Extract into a temporary folder, then rename `folder` into place: a failed extraction leaves nothing."""
-    tmp = tempfile.mkdtemp(prefix=".extract-", dir=data_dir)
-    try:
-        with tarfile.open(tarball) as tar:
-            tar.extractall(tmp, filter="data")  # refuses absolute paths, links out of tmp, devices
-        if not os.path.isdir(os.path.join(tmp, folder)):
-            raise DataError(f"{tarball} has no {folder}/ inside; delete it and run again")
-        os.replace(os.path.join(tmp, folder), os.path.join(data_dir, folder))
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"could not extract {tarball} ({e}); delete it and run again") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def ensure_cifar(spec, data_dir):
-    """The extracted CIFAR folder; if missing, download the tarball (unless present), check its md5, extract."""
-    folder = os.path.join(data_dir, spec["folder"])
-    if not os.path.isdir(folder):
-        os.makedirs(data_dir, exist_ok=True)
-        tarball = os.path.join(data_dir, os.path.basename(spec["url"]))
-        if not os.path.exists(tarball):
-            download(spec["url"], tarball)
-        verify_md5(tarball, spec["md5"])
-        extract(tarball, data_dir, spec["folder"])
-    return folder
-
-
-class CifarUnpickler(pickle.Unpickler):
-    """An unpickler that builds only what the official CIFAR files hold.
-
-    They are Python 2 pickles of a dict of byte strings, ints, lists and one
-    uint8 array; the only globals they name are numpy's array reconstruction.
-    A plain pickle.load calls whatever global a file names (os.system,
-    builtins.open, ...), so every other name is refused before it is called.
-    """
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-               ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refused {module}.{name}: official CIFAR files never name it, "
-                                         f"and unpickling it could run code")
-        return self.ALLOWED[(module, name)]
-
-
-def read_batch(path, spec):
-    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from one official CIFAR batch file."""
-    folder = os.path.dirname(path)
-    if not os.path.exists(path):
-        raise DataError(f"missing {path}; delete {folder} and run again to extract it anew")
-    try:
-        with open(path, "rb") as f:
-            batch = CifarUnpickler(f, encoding="bytes").load()   # Python 2 str -> bytes
-        data, labels = batch[b"data"], np.asarray(batch[spec["label_key"]], dtype=np.int64)
-    except Exception as e:  # truncated, foreign or hostile: all mean "not an official batch file"
-        raise DataError(f"{path} is not a valid CIFAR batch file ({type(e).__name__}: {e}); "
-                        f"delete {folder} and run again") from None
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
-            and data.shape[1] == 3072 and labels.shape == (len(data),)
-            and (labels.size == 0 or 0 <= labels.min() <= labels.max() < spec["classes"])):
-        raise DataError(f"{path}: expected b'data', uint8 N x 3072, and N labels below {spec['classes']}; "
-                        f"delete {folder} and run again")
-    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())  # rows: 1024 red, 1024 green, 1024 blue
-    return images, torch.from_numpy(labels)
-
+def load_data(cfg, device):
+    """Both splits as uint8 images and int64 labels on `device`, plus the class count, mean and std."""
+    spec = SYNTHETIC if cfg.dataset == "synthetic" else CIFAR[cfg.dataset]
+    data, limit = dict(classes=spec["classes"]), dict(train=cfg.limit_train, test=cfg.limit_test)
+    for s in ("train", "test"):
+        if cfg.dataset == "synthetic":
+            x, y = synthetic(min(limit[s] or spec[s], spec[s]), cfg.seed, s)
+        else:
+            folder = ensure_cifar(spec, cfg.data_dir)  # downloaded and checked where missing (see below)
+            x, y = map(torch.cat, zip(*[read_batch(os.path.join(folder, name), spec) for name in spec[s]]))
+            if len(x) == 0:
+                raise DataError(f"the {s} files in {folder} hold no images; delete {folder} and run again")
+        data[s] = (x[:limit[s]].to(device), y[:limit[s]].to(device))
+    if getattr(cfg, "label_noise", 0.0):  # training labels only: the test split stays clean
+        data["train"] = (data["train"][0], noisy_labels(data["train"][1], cfg.label_noise, spec["classes"], cfg.seed))
+    return dict(data, **{k: torch.tensor(spec[k], device=device).view(1, 3, 1, 1) for k in ("mean", "std")})
 
 def synthetic(n, seed, split="train", chunk=1000):
-    """`n` procedurally generated 32x32 RGB images (uint8, (n, 3, 32, 32)) and labels in 0..9.
-
-    Each image is a bright textured disc on a dark, noisy ground. The class is
-    the texture: stripes at 0, +-30, +-60 or 90 degrees, or a plaid, with a
-    period of 5 (classes 0-4) or 10 pixels (5-9). The angle's sign is random,
-    so a horizontal flip keeps the class; place, size, phase and colours are
-    random, so the mean colour says nothing about the class: a model has to
-    find the disc and read its texture. Chunk c comes from its own seed
-    (seed, split, c), so the first k images do not depend on n.
-    """
+    """`n` 32x32 images (uint8, (n, 3, 32, 32)) and labels in 0..9: a bright disc on a dark, noisy ground whose
+    texture is the class (stripes at 0, +-30, +-60, 90 degrees, the sign random, or a plaid; period 5 or 10 pixels).
+    Place, size, phase and colours are random; chunk c has its own seed, so the first k do not depend on n."""
     images, labels = [], []
     y, x = torch.meshgrid(torch.arange(32.0) + 0.5, torch.arange(32.0) + 0.5, indexing="ij")  # (32, 32)
     for c in range(math.ceil(n / chunk)):
-        chunk_seed = np.random.SeedSequence([seed, split == "test", c]).generate_state(1)[0]
-        g = torch.Generator().manual_seed(int(chunk_seed))
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, split == "test", c]).generate_state(1)[0]))
         uniform = lambda low, high, *shape: low + (high - low) * torch.rand(chunk, *shape, generator=g)
         label = torch.randint(0, 10, (chunk,), generator=g)
-        kind = (label % 5).view(chunk, 1, 1)                                 # 0..3 stripes, 4 plaid
-        sign = torch.randint(0, 2, (chunk, 1, 1), generator=g) * 2 - 1
-        angle = sign * kind.clamp(max=3) * math.pi / 6                      # (chunk, 1, 1)
+        kind, sign = (label % 5).view(chunk, 1, 1), torch.randint(0, 2, (chunk, 1, 1), generator=g) * 2 - 1
+        angle = sign * kind.clamp(max=3) * math.pi / 6                      # (chunk, 1, 1); kind 4: plaid
         freq = 2 * math.pi / torch.where(label < 5, 5.0, 10.0).view(chunk, 1, 1)
         phase = uniform(0, 2 * math.pi, 1, 1)
         wave = torch.cos(freq * (x * angle.cos() + y * angle.sin()) + phase)  # (chunk, 32, 32) stripes
         plaid = kind.view(-1) == 4
         f, ph = freq[plaid], phase[plaid]
         wave[plaid] = 0.5 * (torch.cos(f * x + ph) + torch.cos(f * y + 1.7 * ph))  # vertical + horizontal
-        texture = 0.5 + 0.5 * wave                                          # in [0, 1]
         radius, cy, cx = uniform(11, 16, 1, 1), uniform(8, 24, 1, 1), uniform(8, 24, 1, 1)
         disc = ((y - cy) ** 2 + (x - cx) ** 2 < radius ** 2).float()        # (chunk, 32, 32)
-        mix = (disc * (0.25 + 0.75 * texture)).unsqueeze(1)                  # (chunk, 1, 32, 32)
+        mix = (disc * (0.25 + 0.75 * (0.5 + 0.5 * wave))).unsqueeze(1)      # (chunk, 1, 32, 32); texture in [0, 1]
         fg, bg = uniform(0.5, 1.0, 3, 1, 1), uniform(0.0, 0.5, 3, 1, 1)      # (chunk, 3, 1, 1)
         image = bg + (fg - bg) * mix + 0.08 * torch.randn(chunk, 3, 32, 32, generator=g)
         images.append((image.clamp(0, 1) * 255).round().to(torch.uint8))
         labels.append(label)
     return torch.cat(images)[:n], torch.cat(labels)[:n]
 
-
 def noisy_labels(labels, fraction, classes, seed):
-    """A copy of `labels` in which round(fraction * n) of them, chosen by `seed`, move to another class.
-
-    The new class is drawn uniformly from the other classes-1. Such labels can
-    only be memorised, never learnt from the images: the README's over-fitting
-    study uses them (--label-noise) to give a regulariser something to do.
-    Only training labels are ever changed; the test split stays clean.
-    """
+    """A copy of `labels`, round(fraction * n) of them moved to another class: labels only memorisation learns."""
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 2]).generate_state(1)[0]))
     changed = torch.randperm(len(labels), generator=g)[:round(fraction * len(labels))]
     shift = torch.randint(1, classes, (len(changed),), generator=g)     # never 0: the class always changes
@@ -239,34 +92,9 @@ def noisy_labels(labels, fraction, classes, seed):
     noisy[changed] = (noisy[changed] + shift) % classes
     return noisy.to(labels.device)
 
-
-def load_data(cfg, device):
-    """Both splits as uint8 images and int64 labels on `device`, plus the class count, mean and std."""
-    limit = {"train": cfg.limit_train, "test": cfg.limit_test}
-    if cfg.dataset == "synthetic":
-        spec = SYNTHETIC
-        splits = {s: synthetic(min(limit[s] or spec[s], spec[s]), cfg.seed, s) for s in ("train", "test")}
-    else:
-        spec = CIFAR[cfg.dataset]
-        folder = ensure_cifar(spec, cfg.data_dir)
-        splits = {}
-        for s in ("train", "test"):
-            batches = [read_batch(os.path.join(folder, name), spec) for name in spec[s]]
-            splits[s] = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
-            if len(splits[s][0]) == 0:
-                raise DataError(f"the {s} files in {folder} hold no images; delete {folder} and run again")
-    data = {s: (x[:limit[s]].to(device), y[:limit[s]].to(device)) for s, (x, y) in splits.items()}
-    noise = getattr(cfg, "label_noise", 0.0)  # configurations saved before --label-noise existed had none
-    if noise:
-        data["train"] = (data["train"][0], noisy_labels(data["train"][1], noise, spec["classes"], cfg.seed))
-    stats = {k: torch.tensor(spec[k], device=device).view(1, 3, 1, 1) for k in ("mean", "std")}
-    return dict(data, classes=spec["classes"], **stats)
-
-
 def augment(images, generator):
     """Random crop with 4-pixel zero padding and a random horizontal flip of a whole uint8 batch, on its device."""
-    B, C, H, W = images.shape
-    device = images.device
+    (B, C, H, W), device = images.shape, images.device
     padded = F.pad(images, (4, 4, 4, 4))                                    # (B, C, H + 8, W + 8)
     dy, dx = torch.randint(0, 9, (2, B, 1), device=device, generator=generator)
     flip = torch.rand(B, 1, device=device, generator=generator) < 0.5
@@ -276,18 +104,15 @@ def augment(images, generator):
     return padded[torch.arange(B, device=device).view(B, 1, 1, 1),
                   torch.arange(C, device=device).view(1, C, 1, 1), rows, cols]  # (B, C, H, W)
 
-
 def normalize(images, data):
     return (images.float() / 255 - data["mean"]) / data["std"]              # (B, 3, 32, 32)
 
-
-# ----------------------------------------------------------------------------- model and optimizer
+# ----------------------------------------------------------------------------- model, optimizer, lr schedule
 
 def build_model(cfg, classes):
-    return ViT(image_size=32, patch_size=cfg.patch_size, num_classes=classes, dim=cfg.dim,
-               depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, attn_drop_mode=cfg.mode,
-               drop_ratio=cfg.drop_ratio, schedule=cfg.schedule, block_size=cfg.block_size)
-
+    return ViT(image_size=32, patch_size=cfg.patch_size, num_classes=classes, dim=cfg.dim, depth=cfg.depth,
+               heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, attn_drop_mode=cfg.mode, drop_ratio=cfg.drop_ratio,
+               schedule=cfg.schedule, block_size=cfg.block_size)
 
 def build_optimizer(model, cfg):
     """AdamW with weight decay on tensors of >= 2 dims (matrices, embeddings), not on biases and norms."""
@@ -295,23 +120,8 @@ def build_optimizer(model, cfg):
     return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr)
 
-
-@contextlib.contextmanager
-def aligned(model, mc_samples=0, align="none"):
-    """Evaluate with Monte-Carlo (`model.mc_samples`) or exact (`model.align`) expectation alignment, then undo."""
-    saved = model.mc_samples, model.align
-    model.mc_samples, model.align = mc_samples, align
-    try:
-        yield model
-    finally:
-        model.mc_samples, model.align = saved
-
-
 def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-# ----------------------------------------------------------------------------- lr schedule
 
 def get_lr(step, cfg, steps_per_epoch):
     """Linear warm-up, cosine decay to 0 at the end of --epochs, then the constant fine-tune lr (Sec. 4.1)."""
@@ -322,104 +132,18 @@ def get_lr(step, cfg, steps_per_epoch):
         return cfg.lr * (step + 1) / warmup
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
+# ----------------------------------------------------------------------------- one training epoch
 
-# ----------------------------------------------------------------------------- evaluate
-
-@torch.no_grad()
-def evaluate(model, data, cfg, drop_patches=0.0):
-    """(loss, accuracy) on the test split in eval mode: no attention dropout unless an alignment is on."""
-    model.eval()
-    images, labels = data["test"]
-    loss, correct = 0.0, 0
-    for i in range(0, len(images), cfg.batch_size):
-        x, y = normalize(images[i:i + cfg.batch_size], data), labels[i:i + cfg.batch_size]
-        with autocast(x.device):
-            logits = model(x, drop_patches=drop_patches).float()            # (B, classes)
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-    return loss / len(images), correct / len(images)
-
-
-@torch.no_grad()
-def entropy_per_layer(model, data, cfg):
-    """Per layer, the class token's attention entropy E = -sum_j p_j log p_j, mean over heads and images (Fig. 4).
-
-    The sum runs over all N keys, the class token's own included: a uniform row gives log N.
-    """
-    model.eval()
-    images, total = data["test"][0], torch.zeros(len(model.blocks))
-    for i in range(0, len(images), cfg.batch_size):
-        with autocast(images.device):
-            _, attention = model(normalize(images[i:i + cfg.batch_size], data), return_attention=True)
-        total += torch.stack([cls_attention_entropy(w).sum() for w in attention]).cpu()  # (depth,)
-    return (total / len(images)).tolist()
-
-
-def occlusion(model, data, cfg, draws=5):
-    """Accuracy with a fraction f of the patches removed before the blocks, mean over 5 draws (Table 3)."""
-    result = {"0.0": evaluate(model, data, cfg)[1]}
-    for f in (0.1, 0.3, 0.5, 0.7, 0.9):
-        result[str(f)] = sum(evaluate(model, data, cfg, drop_patches=f)[1] for _ in range(draws)) / draws
-    return result
-
-
-@torch.no_grad()
-def save_attention_map(model, data, path, count=4):
-    """Fig. 5: test images above the last layer's class-token attention on the patch grid, mean over heads."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    model.eval()
-    images = data["test"][0][:count]
-    _, attention = model(normalize(images, data), return_attention=True)
-    maps = attention[-1][:, :, 0, 1:].float().mean(1).reshape(len(images), *model.grid)  # (count, n_h, n_w)
-    fig, axes = plt.subplots(2, len(images), figsize=(2 * len(images), 4.2), squeeze=False)
-    for i in range(len(images)):
-        axes[0, i].imshow(images[i].permute(1, 2, 0).cpu().numpy())
-        axes[1, i].imshow(maps[i].cpu().numpy(), cmap="viridis")
-    for ax in axes.flat:
-        ax.axis("off")
-    axes[1, 0].set_title("class-token attention, last layer", fontsize=8, loc="left")
-    atomic_save(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
-    plt.close(fig)
-
-
-def paper_evaluations(model, data, cfg, plain_seconds):
-    """The paper's analyses of the model as trained, before any fine-tune: Table 4, Fig. 4, Table 3, Fig. 5."""
-    settings = {}
-    if cfg.mc_samples:
-        settings["mc"] = dict(mc_samples=cfg.mc_samples)
-    if cfg.align == "exact":
-        settings["exact"] = dict(align="exact")
-    results, seconds = {}, {"plain": plain_seconds}
-    for key, setting in settings.items():  # accuracy and cost of each alignment (Table 4)
-        start = time.perf_counter()
-        with aligned(model, **setting):
-            results[f"test_acc_{key}"] = evaluate(model, data, cfg)[1]
-        seconds[key] = time.perf_counter() - start
-    results.update(eval_time_s=seconds, cls_attention_entropy=entropy_per_layer(model, data, cfg))
-    # the training split in eval mode (no dropout, no augmentation, its labels as trained on): train_acc_eval -
-    # test_acc is the generalisation gap; train_acc is measured during the epoch, under dropout and augmentation
-    results["train_acc_eval"] = evaluate(model, dict(data, test=data["train"]), cfg)[1]
-    if cfg.occlusion:
-        results["occlusion"] = occlusion(model, data, cfg)
-    if cfg.attention_map:
-        save_attention_map(model, data, os.path.join(cfg.out, "attention.png"))
-    return results
-
-
-# ----------------------------------------------------------------------------- train
+PROGRESS_EVERY = 20  # steps between two reads of the running loss and accuracy by the progress bar
 
 def train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progress):
-    """One pass over the shuffled training split; returns the epoch's statistics and the next step."""
+    """One pass over the shuffled training split; returns its statistics and the next step. No step waits for the
+    device: losses and correct counts stay in tensors, read by the progress bar every PROGRESS_EVERY steps."""
     model.train()
-    images, labels = data["train"]
-    n, bs = len(images), cfg.batch_size
-    steps_per_epoch = math.ceil(n / bs)
+    (images, labels), bs, start = data["train"], cfg.batch_size, time.perf_counter()
+    n, steps_per_epoch = len(images), math.ceil(len(images) / cfg.batch_size)
     order = torch.randperm(n, device=images.device, generator=generator)
-    loss_sum, correct = torch.zeros((), device=images.device), torch.zeros((), device=images.device)
-    losses = torch.zeros(steps_per_epoch, device=images.device)            # checked once, after the epoch
-    start = time.perf_counter()
+    losses, sums = torch.zeros(steps_per_epoch, device=images.device), torch.zeros(2, device=images.device)
     bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
     for i in bar:
         idx = order[i * bs:(i + 1) * bs]
@@ -434,196 +158,125 @@ def train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progres
         loss.backward()
         optimizer.step()
         step += 1
-        losses[i] = loss.detach()                                           # no host sync per step
-        loss_sum += loss.detach() * len(idx)
-        correct += (logits.argmax(1) == y).sum()
-        if progress:
-            seen = min(n, (i + 1) * bs)
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
-                            img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        losses[i] = loss.detach()
+        sums += torch.stack([loss.detach() * len(idx), (logits.argmax(1) == y).sum()])  # loss * images, correct
+        if progress and ((i + 1) % PROGRESS_EVERY == 0 or i + 1 == steps_per_epoch):
+            seen, (loss_sum, correct), seconds = min(n, (i + 1) * bs), sums.tolist(), time.perf_counter() - start
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{seen / seconds:.0f}")
     check_finite(model, losses, cfg, epoch)
-    seconds = time.perf_counter() - start
-    return dict(lr=lr, train_loss=loss_sum.item() / n, train_acc=correct.item() / n,
-                images=n, time_s=seconds, images_per_s=n / seconds), step
-
-
-class Diverged(Exception):
-    """A non-finite loss or weight; main prints it as one line and exits with status 1."""
-
+    (loss_sum, correct), seconds = sums.tolist(), time.perf_counter() - start
+    return dict(lr=lr, train_loss=loss_sum / n, train_acc=correct / n, images=n, time_s=seconds,
+                images_per_s=n / seconds), step
 
 def check_finite(model, losses, cfg, epoch):
-    """Raise Diverged at the epoch's first non-finite loss, or if its last update left a non-finite weight.
-
-    One host sync per epoch instead of one per step; the epoch is never
-    committed, so the run folder keeps the last finite checkpoint.
-    """
+    """Stop at the first non-finite loss or weight; the epoch is never committed: the last finite checkpoint stays."""
     bad_loss = ~torch.isfinite(losses)                                      # (steps,)
-    bad_weights = ~torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
-    if bad_loss.any() or bad_weights:
+    if bad_loss.any() or not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
         i = int(bad_loss.nonzero()[0]) if bad_loss.any() else len(losses) - 1
         what = f"the loss is {losses[i].item()}" if bad_loss.any() else "its update made a weight non-finite"
-        kept = (f"{cfg.out} keeps the checkpoint of epoch {epoch}, the last finite one" if epoch
-                else "no checkpoint was written")
+        kept = f"{cfg.out} keeps the checkpoint of epoch {epoch}, the last finite one" if epoch else \
+            "no checkpoint was written"
         flag, lr = ("--lr", cfg.lr) if epoch < cfg.epochs else ("--finetune-lr", cfg.finetune_lr)
-        raise Diverged(f"training diverged in epoch {epoch + 1}, step {i + 1} of {len(losses)}: {what}; "
-                       f"{kept}; try a smaller {flag} (this run: {lr:g})")
+        raise DataError(f"training diverged in epoch {epoch + 1}, step {i + 1} of {len(losses)}: {what}; "
+                        f"{kept}; try a smaller {flag} (this run: {lr:g})")
 
+# ----------------------------------------------------------------------------- the paper's evaluations
 
-def atomic_save(path, write, binary=False):
-    """Write through path.tmp, then os.replace: neither a reader nor a crash ever sees a half-written file.
+@torch.no_grad()
+def evaluate(model, data, cfg, drop_patches=0.0):
+    """(loss, accuracy) on the test split in eval mode: no attention dropout unless an alignment is on."""
+    (images, labels), sums = data["test"], torch.zeros(2, device=data["test"][0].device)  # loss, correct
+    for i in range(0, len(images), cfg.batch_size):
+        x, y = normalize(images[i:i + cfg.batch_size], data), labels[i:i + cfg.batch_size]
+        with autocast(x.device):
+            logits = model.eval()(x, drop_patches=drop_patches).float()     # (B, classes)
+        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()])
+    return tuple(s / len(images) for s in sums.tolist())
 
-    A failed write (full or read-only disk) removes path.tmp and becomes one DataError line.
-    """
-    try:
-        with open(path + ".tmp", "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
-        raise DataError(f"could not write {path} ({e.strerror or e}); the run folder keeps its last "
-                        f"complete epoch: free some space or make it writable, then continue with --resume") from None
+@torch.no_grad()
+def entropy_per_layer(model, data, cfg):
+    """Per layer, the class token's attention entropy -sum_j p_j log p_j over its N keys, mean over images (Fig. 4)."""
+    images, total = data["test"][0], torch.zeros(len(model.blocks))
+    for i in range(0, len(images), cfg.batch_size):
+        with autocast(images.device):
+            _, attention = model.eval()(normalize(images[i:i + cfg.batch_size], data), return_attention=True)
+        total += torch.stack([cls_attention_entropy(w).sum() for w in attention]).cpu()  # (depth,)
+    return (total / len(images)).tolist()
 
+@torch.no_grad()
+def save_attention_map(model, data, path, count=4):
+    """Fig. 5: test images above the last layer's class-token attention on the patch grid, mean over heads."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    images = data["test"][0][:count]
+    _, attention = model.eval()(normalize(images, data), return_attention=True)
+    maps = attention[-1][:, :, 0, 1:].float().mean(1).reshape(len(images), *model.grid)  # (count, n_h, n_w)
+    fig, axes = plt.subplots(2, len(images), figsize=(2 * len(images), 4.2), squeeze=False)
+    for i in range(len(images)):
+        axes[0, i].imshow(images[i].permute(1, 2, 0).cpu().numpy())
+        axes[1, i].imshow(maps[i].cpu().numpy(), cmap="viridis")
+    plt.setp(axes, xticks=[], yticks=[], frame_on=False)
+    axes[1, 0].set_title("class-token attention, last layer", fontsize=8, loc="left")
+    fig.savefig(png := io.BytesIO(), format="png", dpi=100)
+    plt.close(fig)
+    atomic_save(path, png.getvalue())
 
-def checksum(value, digest=None):
-    """sha256 (hex) of a checkpoint's contents: every tensor's dtype, shape and bytes, every other value's repr."""
-    digest = digest or hashlib.sha256()
-    if isinstance(value, dict):
-        for key, item in value.items():                                     # torch.save keeps the order
-            digest.update(repr(key).encode())
-            checksum(item, digest)
-    elif isinstance(value, (list, tuple)):
-        digest.update(b"[%d]" % len(value))
-        for item in value:
-            checksum(item, digest)
-    elif isinstance(value, torch.Tensor):
-        value = value.detach().cpu().contiguous()
-        digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
-        digest.update(value.reshape(-1).view(torch.uint8).numpy())
-    else:
-        digest.update(repr(value).encode())
-    return digest.hexdigest()
+def paper_evaluations(model, data, cfg, plain_seconds):
+    """The paper's analyses of the model as trained, before any fine-tune: Table 4, Fig. 4, Table 3, Fig. 5."""
+    results, seconds = {}, {"plain": plain_seconds}
+    alignments = [("mc", cfg.mc_samples, "none")] if cfg.mc_samples else []
+    alignments += [("exact", 0, "exact")] if cfg.align == "exact" else []
+    for key, mc_samples, align in alignments:  # accuracy and cost of each alignment (Table 4)
+        start, model.mc_samples, model.align = time.perf_counter(), mc_samples, align
+        results[f"test_acc_{key}"] = evaluate(model, data, cfg)[1]
+        seconds[key], model.mc_samples, model.align = time.perf_counter() - start, 0, "none"
+    results.update(eval_time_s=seconds, cls_attention_entropy=entropy_per_layer(model, data, cfg))
+    # the training split in eval mode (no dropout, no augmentation, its labels as trained on): train_acc_eval -
+    # test_acc is the generalisation gap; train_acc is measured during the epoch, under dropout and augmentation
+    results["train_acc_eval"] = evaluate(model, dict(data, test=data["train"]), cfg)[1]
+    if cfg.occlusion:  # accuracy with a fraction f of the patches removed before the blocks, 5 draws (Table 3)
+        results["occlusion"] = {"0.0": evaluate(model, data, cfg)[1], **{str(f): sum(
+            evaluate(model, data, cfg, drop_patches=f)[1] for _ in range(5)) / 5 for f in (0.1, 0.3, 0.5, 0.7, 0.9)}}
+    if cfg.attention_map:
+        save_attention_map(model, data, os.path.join(cfg.out, "attention.png"))
+    return results
 
-
-CHECKPOINT_KEYS = ("model", "optimizer", "config", "epoch", "step", "history", "results", "rng", "sha256")
-
-
-def load_checkpoint(path):
-    """A checkpoint of this script, loaded with weights_only=True so that it cannot run code.
-
-    Its sha256 must match its contents: a flipped bit is refused, never loaded.
-    """
-    if not os.path.exists(path):
-        raise DataError(f"no checkpoint at {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"refused to load {path}: weights_only loading accepts only tensors, numbers, "
-                        f"strings, lists and dicts ({reason})") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
-    if missing:
-        raise DataError(f"{path} is not a checkpoint of this train_cifar.py (no {', '.join(missing)}); "
-                        f"start a new run with another --out")
-    if checksum({k: v for k, v in checkpoint.items() if k != "sha256"}) != checkpoint["sha256"]:
-        raise DataError(f"{path} does not match its checksum (damaged on disk or in transfer); restore it from "
-                        f"a copy, or start a new run with another --out")
-    return checkpoint
-
-
-def to_json(value, **kwargs):
-    """Strict JSON (no NaN or Infinity tokens, which strict parsers reject): a non-finite number becomes null."""
-    def finite(v):
-        if isinstance(v, dict):
-            return {k: finite(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [finite(x) for x in v]
-        return None if isinstance(v, float) and not math.isfinite(v) else v
-    return json.dumps(finite(value), allow_nan=False, **kwargs)
-
+# ----------------------------------------------------------------------------- the run folder
 
 COLUMNS = [("epoch", 5, "d"), ("stage", 8, "s"), ("lr", 8, ".1e"), ("train_loss", 10, ".4f"),
            ("train_acc", 9, ".4f"), ("test_loss", 9, ".4f"), ("test_acc", 8, ".4f"),
            ("images_per_s", 12, ".0f"), ("time_s", 7, ".1f")]
-
-
-def write_metrics(cfg, history, results, model, device, done):
-    """metrics.json: the last epoch of each stage, the paper's evaluations, speed, config and versions."""
-    trained = [r for r in history if r["stage"] == "train"]
-    finetuned = [r for r in history if r["stage"] == "finetune"]
-    seconds = sum(r["time_s"] for r in history)
-    metrics = {k: trained[-1][k] for k in ("test_acc", "test_loss", "train_acc", "train_loss")}
-    if finetuned:
-        metrics["test_acc_finetuned"] = finetuned[-1]["test_acc"]
-    metrics.update(results, epochs_done=len(history), finished=done, train_time_s=seconds,
-                   images_per_s=sum(r["images"] for r in history) / seconds,
-                   params=sum(p.numel() for p in model.parameters()), layer_ratios=model.layer_ratios,
-                   config=vars(cfg), torch=torch.__version__,
-                   device=f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type)
-    atomic_save(os.path.join(cfg.out, "metrics.json"), lambda f: f.write(to_json(metrics, indent=2)))
-    return metrics
-
-
-def commit(cfg, state, model, device):
-    """Replace the run's three files after an epoch: checkpoint.pt, then log.jsonl, then metrics.json.
-
-    Each replacement is atomic, but three files cannot change as one, and the
-    contract is three plain files (a manifest or a folder per epoch would make
-    every reader follow a pointer). So the order does the work: the checkpoint,
-    which holds the whole history and the paper's evaluations, is the commit
-    that --resume trusts; the other two are derived from it and written after
-    it, so they are never ahead of it, and `finished: true` in metrics.json
-    means all three are final. A run killed in between leaves them one epoch
-    behind; --resume rewrites both from the checkpoint (repair) and trains on,
-    ending with the folder of an uninterrupted run.
-    """
-    buffer = io.BytesIO()   # serialised in memory, so a full disk raises a plain OSError in atomic_save
-    torch.save(dict(state, sha256=checksum(state)), buffer)
-    atomic_save(os.path.join(cfg.out, "checkpoint.pt"), lambda f: f.write(buffer.getbuffer()), binary=True)
-    return write_results(cfg, state["history"], state["results"], model, device)
-
-
-def write_results(cfg, history, results, model, device):
-    """log.jsonl and metrics.json as of the last epoch in `history` (also the repair of a resumed run)."""
-    atomic_save(os.path.join(cfg.out, "log.jsonl"), lambda f: f.writelines(to_json(r) + "\n" for r in history))
-    done = len(history) == cfg.epochs + cfg.finetune_epochs
-    return write_metrics(cfg, history, results, model, device, done=done)
-
+CHECKPOINT_KEYS = ("model", "optimizer", "config", "epoch", "step", "history", "results", "rng", "sha256")
 
 def train(cfg, checkpoint, progress):
-    """Train, then fine-tune, from scratch or from `checkpoint`; every epoch rewrites the run's three files."""
-    device = torch.device(cfg.device)
-    data = load_data(cfg, device)
+    """Train, then fine-tune, from scratch or from `checkpoint`. Each epoch's one commit is checkpoint.pt (weights,
+    optimizer, step, generator states, rows, evaluations); log.jsonl and metrics.json are derived from it after it
+    and again on every start, never ahead of it: a run killed anywhere resumes to an uninterrupted run's folder."""
+    device, data = torch.device(cfg.device), load_data(cfg, torch.device(cfg.device))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data["classes"]).to(device)
-    optimizer = build_optimizer(model, cfg)
+    trained = torch.compile(model, fullgraph=True) if cfg.compile else model  # evaluations stay eager
+    compile_errors = torch._dynamo.exc.TorchDynamoException if cfg.compile else ()  # raised at the first step
+    optimizer, start, step, history, results = build_optimizer(model, cfg), 0, 0, [], {}
     generator = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and augmentation
-    start, step, history, results = 0, 0, [], {}
-    os.makedirs(cfg.out, exist_ok=True)
-    for name in os.listdir(cfg.out):  # left by a run that died writing; this process holds the folder's lock
-        if name.endswith(".tmp"):
-            os.remove(os.path.join(cfg.out, name))
-    if checkpoint is not None:  # everything that decides what happens next, the RNG states included
+    for name in [n for n in os.listdir(cfg.out) if n.endswith(".tmp")]:  # left by a run that died writing
+        os.remove(os.path.join(cfg.out, name))
+    if checkpoint is not None:  # everything that decides what happens next, the random states included
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])      # moves the moments to the parameters' device
         start, step, history, results, rng = (checkpoint[k] for k in ("epoch", "step", "history", "results", "rng"))
         torch.set_rng_state(rng["cpu"])
-        saved_on = checkpoint["config"]["device"]
-        if saved_on == device.type:
+        if checkpoint["config"]["device"] == device.type:  # a generator's state is specific to its device type
             generator.set_state(rng["data"])
             if device.type in ("cuda", "mps"):
                 getattr(torch, device.type).set_rng_state(rng[device.type])
-        else:  # a generator's state is specific to its device type
-            print(f"resuming a {saved_on} run on {device.type}: weights, optimizer, step, history and the CPU "
-                  f"random state are restored; batch order, augmentation and {device.type} random numbers start "
-                  f"again from --seed {cfg.seed}, so the run no longer matches an uninterrupted one bit for bit")
-        write_results(cfg, history, results, model, device)               # repair, see commit()
-    total = cfg.epochs + cfg.finetune_epochs
-    if start == total:
-        print(f"{cfg.out} has finished all {total} epochs; log.jsonl and metrics.json are complete")
-        return
+        else:
+            print(f"resuming a {checkpoint['config']['device']} run on {device.type}: weights, optimizer, step, "
+                  f"history and the CPU random state are restored; batch order, augmentation and masks are not")
+        write_results(cfg, history, results, model, device)
+    if start == (total := cfg.epochs + cfg.finetune_epochs):
+        return print(f"{cfg.out} has finished all {total} epochs; log.jsonl and metrics.json are complete")
     print(f"{cfg.dataset}: {len(data['train'][0])} train / {len(data['test'][0])} test images on {device}; "
           f"{cfg.mode}, layer drop ratios {[round(r, 3) for r in model.layer_ratios]}; run folder {cfg.out}")
     print(" ".join(f"{name:>{width}}" for name, width, _ in COLUMNS))
@@ -631,7 +284,10 @@ def train(cfg, checkpoint, progress):
         stage = "train" if epoch < cfg.epochs else "finetune"
         for block in model.blocks:  # Align Expectation by fine-tuning without attention dropout (Sec. 3.2)
             block.attn.mode = cfg.mode if stage == "train" else "none"
-        stats, step = train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progress)
+        try:
+            stats, step = train_one_epoch(trained, optimizer, data, cfg, epoch, step, generator, progress)
+        except compile_errors as e:
+            raise DataError(f"--compile: torch.compile failed ({first_line(e)}); run without --compile") from None
         start_eval = time.perf_counter()
         test_loss, test_acc = evaluate(model, data, cfg)
         history.append(dict(epoch=epoch + 1, stage=stage, **stats, test_loss=test_loss, test_acc=test_acc,
@@ -639,57 +295,200 @@ def train(cfg, checkpoint, progress):
         print(" ".join(f"{history[-1][name]:>{width}{fmt}}" for name, width, fmt in COLUMNS), flush=True)
         if epoch + 1 == cfg.epochs:
             results = paper_evaluations(model, data, cfg, plain_seconds=history[-1]["eval_s"])
-        rng = {"cpu": torch.get_rng_state(), "data": generator.get_state()}  # uint8 tensors: weights_only loads them
-        if device.type in ("cuda", "mps"):
-            rng[device.type] = getattr(torch, device.type).get_rng_state()
+        rng = {"cpu": torch.get_rng_state(), "data": generator.get_state(),  # uint8 tensors: weights_only loads them
+               **{d: getattr(torch, d).get_rng_state() for d in ("cuda", "mps") if d == device.type}}
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), config=vars(cfg),
                      epoch=epoch + 1, step=step, history=history, results=results, rng=rng)
-        metrics = commit(cfg, state, model, device)
+        torch.save(dict(state, sha256=checksum(state)), buffer := io.BytesIO())  # a full disk fails in atomic_save
+        atomic_save(os.path.join(cfg.out, "checkpoint.pt"), buffer.getvalue())  # the commit
+        metrics = write_results(cfg, history, results, model, device)
     print(to_json({k: round(v, 4) for k, v in metrics.items() if k.startswith("test_acc")}))
 
+def write_results(cfg, history, results, model, device):
+    """log.jsonl, then metrics.json (last epoch of each stage, evaluations, speed, config), as of `history`."""
+    atomic_save(os.path.join(cfg.out, "log.jsonl"), "".join(to_json(r) + "\n" for r in history))
+    trained, seconds = [r for r in history if r["stage"] == "train"], sum(r["time_s"] for r in history)
+    metrics = {k: trained[-1][k] for k in ("test_acc", "test_loss", "train_acc", "train_loss")}
+    metrics.update({"test_acc_finetuned": history[-1]["test_acc"]} if len(history) > cfg.epochs else {})
+    metrics.update(results, epochs_done=len(history), finished=len(history) == cfg.epochs + cfg.finetune_epochs,
+                   train_time_s=seconds, images_per_s=sum(r["images"] for r in history) / seconds,
+                   params=sum(p.numel() for p in model.parameters()), layer_ratios=model.layer_ratios,
+                   config=vars(cfg), torch=torch.__version__,
+                   device=f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type)
+    atomic_save(os.path.join(cfg.out, "metrics.json"), to_json(metrics, indent=2))
+    return metrics
 
-# ----------------------------------------------------------------------------- summarize
+def to_json(value, **kwargs):
+    """Strict JSON (no NaN or Infinity tokens, which strict parsers reject): a non-finite number becomes null."""
+    return json.dumps(json.loads(json.dumps(value), parse_constant=lambda token: None), allow_nan=False, **kwargs)
+
+def atomic_save(path, data):
+    """Write through path.tmp and os.replace: no reader or crash sees half a file; a failed write is one line."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise DataError(f"could not write {path} ({e.strerror or e}); the run folder keeps its last complete epoch: "
+                        f"free some space or make it writable, then continue with --resume") from None
+
+def checksum(state):
+    """sha256 (hex) of a checkpoint: its JSON, each tensor as dtype and shape, then the tensors' bytes in order."""
+    tensors = []
+    text = json.dumps(state, default=lambda t: tensors.append(t) or f"{t.dtype}{list(t.shape)}")
+    digest = hashlib.sha256(text.encode())
+    for t in tensors:
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+def load_checkpoint(path):
+    """A checkpoint of this script, loaded with weights_only=True (it cannot run code) and matching its sha256."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"no checkpoint at {path}") from None
+    except Exception as e:
+        raise DataError(f"refused to load {path}: weights_only loading accepts only tensors, numbers, strings, "
+                        f"lists and dicts ({first_line(e)})") from None
+    if missing := [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]:
+        raise DataError(f"{path} is not a checkpoint of this train_cifar.py (no {', '.join(missing)}); start anew")
+    if checksum({k: v for k, v in checkpoint.items() if k != "sha256"}) != checkpoint["sha256"]:
+        raise DataError(f"{path} does not match its checksum (damaged on disk or in transfer); restore a copy")
+    return checkpoint
+
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+@contextlib.contextmanager
+def locked(out):
+    """An flock on out/.lock: one writer per run folder. The OS drops it when its process ends, however it ends."""
+    with open(os.path.join(out, ".lock"), "a") as f:
+        try:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"{out} is in use by another train_cifar.py process; wait for it to end, or choose "
+                            f"another --out") from None
+        yield
+
+# ----------------------------------------------------------------------------- the CIFAR files
+
+DOWNLOAD_DEADLINE_S = 3600  # the whole tarball; each read also waits at most 60 s
+
+def ensure_cifar(spec, data_dir):
+    """The CIFAR folder; if missing, download the tarball (unless present), check its md5 (another md5: *.bad,
+    never trusted again), extract it into a temporary folder through tarfile's "data" filter (no absolute paths,
+    links out, devices), then rename the folder into place."""
+    folder, tarball = os.path.join(data_dir, spec["folder"]), os.path.join(data_dir, os.path.basename(spec["url"]))
+    if os.path.isdir(folder):
+        return folder
+    os.makedirs(data_dir, exist_ok=True)
+    if not os.path.exists(tarball):
+        download(spec["url"], tarball)
+    with open(tarball, "rb") as f:
+        md5 = hashlib.file_digest(f, "md5").hexdigest()
+    if md5 != spec["md5"]:
+        os.replace(tarball, tarball + ".bad")
+        raise DataError(f"{tarball} has md5 {md5}, expected {spec['md5']} (truncated or not the official file); "
+                        f"moved it to {tarball}.bad. Run again, or place the official tarball there")
+    with tempfile.TemporaryDirectory(prefix=".extract-", dir=data_dir) as tmp:
+        try:
+            with tarfile.open(tarball) as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(f"could not extract {tarball} ({e}); delete it and run again") from None
+        if not os.path.isdir(os.path.join(tmp, spec["folder"])):
+            raise DataError(f"{tarball} has no {spec['folder']}/ inside; delete it and run again")
+        os.replace(os.path.join(tmp, spec["folder"]), folder)
+    return folder
+
+def download(url, path):
+    """Stream `url` into path.part, continued with an HTTP Range request where the server allows it, then rename
+    it: an interrupted download never looks complete; a trickle is cut off after DOWNLOAD_DEADLINE_S in all."""
+    part, deadline = path + ".part", time.monotonic() + DOWNLOAD_DEADLINE_S
+    done = os.path.getsize(part) if os.path.exists(part) else 0
+    print(f"downloading {url} -> {path}" + (f", continuing after {done} bytes" if done else ""), file=sys.stderr)
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {}),
+                                    timeout=60) as response:
+            done = done if response.status == 206 else 0                    # 200: the whole file again
+            size = done + int(response.headers["Content-Length"]) if response.headers["Content-Length"] else None
+            bar = tqdm(total=size, initial=done, unit="B", unit_scale=True, unit_divisor=1024, desc="download")
+            with open(part, "ab" if done else "wb") as f, bar:
+                while chunk := response.read1(1 << 16):                     # returns what has arrived
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"not complete after {DOWNLOAD_DEADLINE_S} s")
+                    bar.update(f.write(chunk))
+            if size and bar.n < size:
+                raise ConnectionError(f"cut off after {bar.n} of {size} bytes")
+    except (OSError, ValueError, http.client.HTTPException) as e:  # offline, refused, timed out, cut off, disk full
+        where = f"{os.path.basename(path)} into {os.path.dirname(path) or '.'}"
+        raise DataError(f"could not download {url} ({e}); run again to continue it, or offline put {where} "
+                        f"yourself, or try --dataset synthetic") from None
+    os.replace(part, path)
+
+class CifarUnpickler(pickle.Unpickler):
+    """Builds only what the official CIFAR files hold (Python 2 pickles of a dict of bytes, ints, lists and a uint8
+    array): a plain pickle.load calls whatever global a file names (os.system, open), so any other is refused."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _reconstruct, ("numpy", "ndarray"): np.ndarray,
+               ("numpy._core.multiarray", "_reconstruct"): _reconstruct, ("numpy", "dtype"): np.dtype}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused {module}.{name}: CIFAR files never name it; it could run code")
+        return self.ALLOWED[(module, name)]
+
+def read_batch(path, spec):
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from one official CIFAR batch file."""
+    folder = os.path.dirname(path)
+    try:
+        with open(path, "rb") as f:
+            batch = CifarUnpickler(f, encoding="bytes").load()   # Python 2 str -> bytes
+        data, labels = batch[b"data"], np.asarray(batch[spec["label_key"]], dtype=np.int64)
+    except FileNotFoundError:
+        raise DataError(f"missing {path}; delete {folder} and run again to extract it anew") from None
+    except Exception as e:  # truncated, foreign or hostile: all mean "not an official batch file"
+        raise DataError(f"{path} is not a valid CIFAR batch file ({type(e).__name__}: {e}); delete {folder}") from None
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] == (3072,)
+            and labels.shape == (len(data),) and np.all((0 <= labels) & (labels < spec["classes"]))):
+        raise DataError(f"{path}: expected b'data', uint8 N x 3072, N labels below {spec['classes']}; delete {folder}")
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)  # rows: R, G, B
+
+# ----------------------------------------------------------------------------- --summarize
 
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
-
 def t_975(df):
-    """The 0.975 quantile of Student's t: the 3-decimal table for df <= 30, else its expansion around z = 1.96."""
-    if df <= 30:
-        return T_975[df - 1]
-    z = 1.959964  # Cornish-Fisher: error < 1e-4 from df = 31 on
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-
+    """The 0.975 quantile of Student's t: a table up to df = 30, then a Cornish-Fisher expansion (error < 1e-4)."""
+    z = 1.959964
+    return T_975[df - 1] if df <= 30 else z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 def summarize(folders, baseline=None):
-    """A Markdown table of finished runs grouped by configuration (all but seed and out), mean ± sd per metric.
-
-    With `baseline` ("key=value,..." naming one group): each other group minus the baseline, paired by seed:
-    mean difference, 95% paired-t interval (mean ± t_975(n-1) sd / sqrt(n)), and in how many seeds the
-    difference has the sign of the mean.
-    """
-    groups, left_out = {}, []
+    """A Markdown table of finished runs grouped by configuration (all but seed and out), mean ± sd per metric;
+    with `baseline` ("key=value,..." naming one group), each other group minus it, paired by seed: mean
+    difference, 95% paired-t interval (mean ± t_975(n-1) sd / sqrt(n)), seeds agreeing with the mean's sign."""
+    groups, left_out, scalar = {}, [], lambda v: type(v) in (int, float)
     for folder in folders:
         try:
             with open(os.path.join(folder, "metrics.json")) as f:
                 m = json.load(f)
-            config = dict(m["config"])
+            config = {k: v for k, v in m["config"].items() if k != "out"}
             seed = config.pop("seed")
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise DataError(f"{folder} holds no readable metrics.json of a run ({type(e).__name__}: {e})") from None
         if not m.get("finished"):
             left_out.append(folder)
             continue
-        values = {k: v for k, v in m.items() if type(v) in (int, float)}
-        values.update({f"{k}[{j}]": x for k, v in m.items() if isinstance(v, dict) and k != "config"  # occlusion, ...
-                       for j, x in v.items() if type(x) in (int, float)})
-        for train_key in ("train_acc", "train_acc_eval"):
-            if train_key in values and "test_acc" in values:
-                values[f"{train_key} - test_acc"] = values[train_key] - values["test_acc"]
-        config.pop("out", None)
-        runs = groups.setdefault(json.dumps(config, sort_keys=True), {})
-        if seed in runs:
+        values = {k: v for k, v in m.items() if scalar(v)} | {f"{k}[{j}]": x for k, v in m.items() if isinstance(
+            v, dict) and k != "config" for j, x in v.items() if scalar(x)}  # occlusion[0.5], ...
+        values |= {f"{k} - test_acc": values[k] - values["test_acc"] for k in ("train_acc", "train_acc_eval")
+                   if k in values and "test_acc" in values}
+        if seed in (runs := groups.setdefault(json.dumps(config, sort_keys=True), {})):
             raise DataError(f"{folder} repeats seed {seed} of a configuration; give each seed one run folder")
         runs[seed] = values
     if not groups:
@@ -700,16 +499,14 @@ def summarize(folders, baseline=None):
     names = [",".join(f"{k}={c.get(k)}" for k in differ) or "all" for c in configs]
     metrics = list(dict.fromkeys(k for runs in groups for v in runs.values() for k in v))
     values = {k: [np.array([v[k] for v in runs.values() if k in v]) for runs in groups] for k in metrics}
-    decimals = {k: 4 if max(abs(c.mean()) for c in values[k] if len(c)) < 10 else 1 for k in metrics}
+    places = {k: 4 if max(abs(c.mean()) for c in values[k] if len(c)) < 10 else 1 for k in metrics}
+    table = lambda head, cell: ["", f"| metric | {' | '.join(head)} |", "|---" * (len(head) + 1) + "|"] + [
+        f"| {k} | {' | '.join(cell(k, i) for i in range(len(head)))} |" for k in metrics]
     lines = [f"{sum(map(len, groups))} runs in {len(groups)} configurations; common to all: "
              + ", ".join(f"{k}={configs[0][k]}" for k in keys if k not in differ) + "."]
-    if left_out:
-        lines.append("Left out, not finished: " + ", ".join(left_out) + ".")
-    lines += ["", "| metric | " + " | ".join(f"{n} (n={len(r)})" for n, r in zip(names, groups)) + " |",
-              "|---" * (len(groups) + 1) + "|"]
-    for k in metrics:
-        lines.append(f"| {k} | " + " | ".join("—" if not len(c) else f"{c.mean():.{decimals[k]}f}" + (
-            f" ± {c.std(ddof=1):.{decimals[k]}f}" if len(c) > 1 else "") for c in values[k]) + " |")
+    lines += ["Left out, not finished: " + ", ".join(left_out) + "."] * bool(left_out)
+    cell = lambda c, p: f"{c.mean():.{p}f}" + (f" ± {c.std(ddof=1):.{p}f}" if len(c) > 1 else "") if len(c) else "—"
+    lines += table([f"{n} (n={len(r)})" for n, r in zip(names, groups)], lambda k, i: cell(values[k][i], places[k]))
     if baseline is None:
         return "\n".join(lines)
     want = dict(item.partition("=")[::2] for item in baseline.split(","))
@@ -718,46 +515,35 @@ def summarize(folders, baseline=None):
         raise DataError(f"--baseline {baseline} matches {len(matches)} configurations, not 1; they are: "
                         + "; ".join(names))
     base, others = groups[matches[0]], [i for i in range(len(groups)) if i != matches[0]]
+
+    def paired(k, i):
+        runs, p = groups[others[i]], places[k]
+        d = np.array([runs[s][k] - base[s][k] for s in sorted(runs) if s in base and k in runs[s] and k in base[s]])
+        if len(d) < 2:
+            return f"{d[0]:+.{p}f} (1 seed)" if len(d) else "no shared seed"
+        mean, half = d.mean(), t_975(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+        agree = int((np.sign(d) == np.sign(mean)).sum()) if mean else 0
+        return f"{mean:+.{p}f} [{mean - half:.{p}f}, {mean + half:.{p}f}], {agree} of {len(d)}"
     lines += ["", f"Each configuration minus {names[matches[0]]}, paired by seed: mean difference [95% paired-t "
-              "interval], seeds whose difference has the sign of the mean (a zero counts against).", "",
-              "| metric | " + " | ".join(names[i] for i in others) + " |", "|---" * (len(others) + 1) + "|"]
-    for k in metrics:
-        cells, p = [], decimals[k]
-        for runs in (groups[i] for i in others):
-            d = np.array([runs[s][k] - base[s][k] for s in sorted(runs) if s in base and k in runs[s] and k in base[s]])
-            if len(d) < 2:
-                cells.append(f"{d[0]:+.{p}f} (1 seed)" if len(d) else "no shared seed")
-                continue
-            mean, half = d.mean(), t_975(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-            agree = int((np.sign(d) == np.sign(mean)).sum()) if mean else 0
-            cells.append(f"{mean:+.{p}f} [{mean - half:.{p}f}, {mean + half:.{p}f}], {agree} of {len(d)}")
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+              "interval], seeds whose difference has the sign of the mean (a zero counts against)."]
+    return "\n".join(lines + table([names[i] for i in others], paired))
 
-
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- command line
 
 def number(kind, low, high=None, low_open=False):
-    """argparse type: a `kind` in [low, high), or (low, high) with low_open."""
+    """argparse type: a `kind` in [low, high), or (low, high) with low_open; argparse names `kind` in its errors."""
     def parse(text):
-        value = kind(text)
-        if value < low or (low_open and value == low) or (high is not None and value >= high):
+        if (value := kind(text)) < low or (low_open and value == low) or (high is not None and value >= high):
             need = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
             raise argparse.ArgumentTypeError(f"{text} is out of range (need {need})")
         return value
-    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    parse.__name__ = kind.__name__
     return parse
 
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """One line on stderr and exit code 2, without the usage block."""
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser():
-    p = Parser(prog="train_cifar.py", description=__doc__.split("\n")[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="train_cifar.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")  # one line, no usage block
     add, count, positive = p.add_argument, number(int, 1), number(float, 0.0, low_open=True)
     add("--dataset", default="cifar10", choices=("cifar10", "cifar100", "synthetic"), help="synthetic: offline")
     add("--data-dir", default="data", help="holds the CIFAR tarball and folder; downloaded if missing")
@@ -782,6 +568,7 @@ def build_parser():
     add("--label-smoothing", type=number(float, 0.0, 1.0), default=0.1, help="of the training loss")
     add("--seed", type=int, default=0, help="init, batch order, augmentation, masks, synthetic data")
     add("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, mps, else cpu")
+    add("--compile", action="store_true", help="train through torch.compile(model, fullgraph=True); eval stays eager")
     add("--finetune-epochs", type=number(int, 0), default=0,
         help="then fine-tune without attention dropout (Align Expectation, Table 4)")
     add("--finetune-lr", type=positive, default=1e-5, help="constant lr of the fine-tune (Sec. 4.1)")
@@ -799,56 +586,33 @@ def build_parser():
         "mode=none or mode=dropkey,schedule=constant; pairs the runs of each other configuration with it by seed")
     return p
 
-
-RUNTIME_FLAGS = ("out", "resume", "progress", "dry_run", "summarize", "baseline")  # not saved as part of a run's configuration
-
+RUNTIME_FLAGS = ("out", "resume", "progress", "dry_run", "summarize", "baseline")  # not part of a run's configuration
 
 def resolve_device(name):
     """'auto' as the device it picks (cuda, else mps, else cpu), so that a run's config says where it ran."""
-    if name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-
+    auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return auto if name == "auto" else name
 
 def resolve_config(args, parser, argv=None):
-    """The run's configuration (a new Namespace; `args` stays as parsed) and the checkpoint to resume from.
-
-    A resumed run keeps its saved configuration: a flag on the command line
-    that differs from it is refused, even one equal to its default, except
-    --device, which moves the run to another device.
-    """
+    """The run's configuration (a new Namespace) and the checkpoint to resume from. A resumed run keeps its saved
+    configuration: a flag given that differs from it is refused, even one equal to its default, but --device."""
     if args.resume is None:
-        out = args.out or os.path.join("runs", f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
         config = {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}
+        out = args.out or os.path.join("runs", f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
         return argparse.Namespace(**{**config, "device": resolve_device(args.device)}, out=out), None
     explicit = build_parser()
     for action in explicit._actions:  # a parser without defaults: it returns only the flags given
         action.default = argparse.SUPPRESS
     given = vars(explicit.parse_args(argv))
     if "out" in given and os.path.realpath(given["out"]) != os.path.realpath(args.resume):
-        parser.error(f"--resume continues in its own folder {args.resume}; drop --out (to branch a run, "
-                     f"copy its folder and resume the copy)")
+        parser.error(f"--resume continues in its own folder {args.resume}; drop --out (or copy the folder)")
     checkpoint = load_checkpoint(os.path.join(args.resume, "checkpoint.pt"))
-    saved = checkpoint["config"]
-    for key, value in given.items():
-        if key not in RUNTIME_FLAGS + ("device",) and value != saved.get(key):
-            parser.error(f"--resume continues with the saved configuration; drop --{key.replace('_', '-')} "
-                         f"(saved: {saved.get(key)})")
+    saved = {"label_noise": 0.0, "compile": False, **checkpoint["config"]}  # runs saved before these flags
+    for key in [k for k in given if k not in RUNTIME_FLAGS + ("device",) and given[k] != saved.get(k)]:
+        parser.error(f"--resume continues with the saved configuration; drop --{key.replace('_', '-')} "
+                     f"(saved: {saved.get(key)})")
     device = resolve_device(args.device) if "device" in given else saved["device"]
     return argparse.Namespace(**{**saved, "out": args.resume, "device": device}), checkpoint
-
-
-def check_writable(path, flag, parser):
-    """An error line unless `path` is, or can be created as, a folder this process can write: no write needed."""
-    existing = path
-    while not os.path.exists(existing):                                    # its nearest existing ancestor
-        existing = os.path.dirname(existing.rstrip(os.sep)) or "."
-    if not os.path.isdir(existing):
-        parser.error(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        parser.error(f"{flag} {path}: cannot write in {existing} (read-only or no permission); "
-                     f"choose another {flag}")
-
 
 def check_config(cfg, parser):
     """Each configuration mistake as one error line, before any data is read; returns the model it built."""
@@ -856,63 +620,43 @@ def check_config(cfg, parser):
         parser.error(f"--warmup-epochs {cfg.warmup_epochs} is longer than --epochs {cfg.epochs}")
     if cfg.mc_samples and cfg.mode == "none":
         parser.error("--mc-samples needs a dropping --mode; 'none' drops nothing to average over")
-    available = dict(cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
-    if not available[cfg.device]:
+    if not dict(cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())[cfg.device]:
         parser.error(f"--device {cfg.device}, but this torch cannot use it; choose another --device")
     if cfg.device == "mps" and cfg.align == "exact":
         parser.error("--align exact computes in float64, which MPS does not support; use --device cpu or cuda")
-    check_writable(cfg.out, "--out", parser)
+    paths = [("--out", cfg.out)]  # checked without a write; --data-dir where it will download and extract
     if cfg.dataset != "synthetic" and not os.path.isdir(os.path.join(cfg.data_dir, CIFAR[cfg.dataset]["folder"])):
-        check_writable(cfg.data_dir, "--data-dir", parser)                # it will download and extract there
+        paths.append(("--data-dir", cfg.data_dir))
+    for flag, path in paths:
+        existing = path
+        while not os.path.exists(existing):                                # its nearest existing ancestor
+            existing = os.path.dirname(existing.rstrip(os.sep)) or "."
+        if not os.path.isdir(existing):
+            parser.error(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            parser.error(f"{flag} {path}: cannot write in {existing} (read-only or no permission); choose another "
+                         f"{flag}")
     try:
         model = build_model(cfg, 100 if cfg.dataset == "cifar100" else 10).eval()
+        if cfg.align == "exact":  # one forward pass finds what the model refuses, e.g. a structured mode
+            model.align = "exact"
+            model(torch.zeros(1, 3, 32, 32))
+            model.align = "none"
     except ValueError as e:
         parser.error(str(e))
-    if cfg.align == "exact":
-        try:  # one forward pass finds what the model refuses, e.g. exact alignment of a structured mode
-            with torch.no_grad(), aligned(model, align="exact"):
-                model(torch.zeros(1, 3, 32, 32))
-        except ValueError as e:
-            parser.error(str(e))
     return model
-
-
-@contextlib.contextmanager
-def locked(out):
-    """Hold an exclusive flock on out/.lock: one writer per run folder.
-
-    The OS releases an flock when its process ends, however it ends (kill -9
-    included), so a killed run's lock never blocks its --resume. The file stays:
-    deleting it would let two processes lock two different files.
-    """
-    with open(os.path.join(out, ".lock"), "a") as f:
-        try:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataError(f"{out} is in use by another train_cifar.py process; wait for it to end, "
-                            f"or choose another --out") from None
-        yield
-
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, cfg = parser.parse_args(argv), None
     if args.baseline is not None and args.summarize is None:
         parser.error("--baseline needs --summarize")
     if args.baseline is not None and not all(k and "=" in k for k in args.baseline.split(",")):
         parser.error(f"--baseline {args.baseline}: expected KEY=VALUE[,KEY=VALUE...], e.g. mode=none")
-    if args.summarize is not None:
-        if args.dry_run:  # checks the flags only: the run folders may not exist yet
-            print(f"dry run: configuration is valid; would summarize {len(args.summarize)} run folders")
-            return
-        try:
-            print(summarize(args.summarize, args.baseline))
-        except DataError as e:
-            sys.exit(f"error: {e}")
-        return
-    cfg = None
     try:
+        if args.summarize is not None:  # a dry run checks the flags only: the run folders may not exist yet
+            return print(f"dry run: configuration is valid; would summarize {len(args.summarize)} run folders"
+                         if args.dry_run else summarize(args.summarize, args.baseline))
         with contextlib.ExitStack() as held:  # the run folder's lock, released when main ends
             if args.resume is not None and not args.dry_run:  # locked before its checkpoint is read
                 if not os.path.isdir(args.resume):
@@ -920,19 +664,18 @@ def main(argv=None):
                 held.enter_context(locked(args.resume))
             cfg, checkpoint = resolve_config(args, parser, argv)
             model = check_config(cfg, parser)
-            if checkpoint is None:
-                if not args.dry_run:  # creates and locks the folder before any data is read
-                    os.makedirs(cfg.out, exist_ok=True)
-                    held.enter_context(locked(cfg.out))
-                if os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
-                    parser.error(f"{cfg.out} already holds a run; continue it with --resume {cfg.out}, "
-                                 f"or choose another --out")
+            if checkpoint is None and not args.dry_run:  # creates and locks the folder before any data is read
+                os.makedirs(cfg.out, exist_ok=True)
+                held.enter_context(locked(cfg.out))
+            if checkpoint is None and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
+                parser.error(f"{cfg.out} already holds a run; continue it with --resume {cfg.out}, or choose "
+                             f"another --out")
             if args.dry_run:
-                print(f"dry run: configuration is valid; {sum(p.numel() for p in model.parameters())} parameters, "
-                      f"layer drop ratios {[round(r, 3) for r in model.layer_ratios]}, run folder {cfg.out}")
-                return
+                return print(f"dry run: configuration is valid; {sum(p.numel() for p in model.parameters())} "
+                             f"parameters, layer drop ratios {[round(r, 3) for r in model.layer_ratios]}, run "
+                             f"folder {cfg.out}")
             train(cfg, checkpoint, progress=args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
-    except (DataError, Diverged) as e:
+    except DataError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # any other file-system fault, still one line
         sys.exit(f"error: {e}; check that path, its permissions and the free space")
