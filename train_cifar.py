@@ -5,7 +5,19 @@ command (README, "Train"). Reading order: data -> model, optimizer, lr schedule 
 paper's evaluations -> the run folder (the loop over epochs; one checkpoint per epoch is the commit) -> the CIFAR
 files (download, md5, a restricted unpickler) -> --summarize -> command line.
 """
-import argparse, contextlib, hashlib, http.client, io, json, math, os, pickle, sys, tarfile, tempfile, time
+import argparse
+import contextlib
+import hashlib
+import http.client
+import io
+import json
+import math
+import os
+import pickle
+import sys
+import tarfile
+import tempfile
+import time
 import urllib.request
 
 import numpy as np
@@ -22,6 +34,7 @@ try:
 except ImportError:
     from numpy.core.multiarray import _reconstruct   # numpy 1.x
 
+
 # ----------------------------------------------------------------------------- data
 
 CIFAR = {  # the official python tarballs, their md5 and per-channel statistics
@@ -36,8 +49,10 @@ CIFAR = {  # the official python tarballs, their md5 and per-channel statistics
 SYNTHETIC = dict(train=10000, test=2000, classes=10,  # mean and std measured on the seed-0 train split
                  mean=(0.4130, 0.4115, 0.4118), std=(0.2333, 0.2339, 0.2332))
 
+
 class DataError(Exception):
     """A problem with the data, the run folder or training; main prints it as one line, without a traceback."""
+
 
 def load_data(cfg, device):
     """Both splits as uint8 images and int64 labels on `device`, plus the class count, mean and std."""
@@ -55,6 +70,7 @@ def load_data(cfg, device):
     if getattr(cfg, "label_noise", 0.0):  # training labels only: the test split stays clean
         data["train"] = (data["train"][0], noisy_labels(data["train"][1], cfg.label_noise, spec["classes"], cfg.seed))
     return dict(data, **{k: torch.tensor(spec[k], device=device).view(1, 3, 1, 1) for k in ("mean", "std")})
+
 
 def synthetic(n, seed, split="train", chunk=1000):
     """`n` 32x32 images (uint8, (n, 3, 32, 32)) and labels in 0..9: a bright disc on a dark, noisy ground whose
@@ -83,6 +99,7 @@ def synthetic(n, seed, split="train", chunk=1000):
         labels.append(label)
     return torch.cat(images)[:n], torch.cat(labels)[:n]
 
+
 def noisy_labels(labels, fraction, classes, seed):
     """A copy of `labels`, round(fraction * n) of them moved to another class: labels only memorisation learns."""
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 2]).generate_state(1)[0]))
@@ -91,6 +108,7 @@ def noisy_labels(labels, fraction, classes, seed):
     noisy = labels.cpu().clone()
     noisy[changed] = (noisy[changed] + shift) % classes
     return noisy.to(labels.device)
+
 
 def augment(images, generator):
     """Random crop with 4-pixel zero padding and a random horizontal flip of a whole uint8 batch, on its device."""
@@ -104,8 +122,10 @@ def augment(images, generator):
     return padded[torch.arange(B, device=device).view(B, 1, 1, 1),
                   torch.arange(C, device=device).view(1, C, 1, 1), rows, cols]  # (B, C, H, W)
 
+
 def normalize(images, data):
     return (images.float() / 255 - data["mean"]) / data["std"]              # (B, 3, 32, 32)
+
 
 # ----------------------------------------------------------------------------- model, optimizer, lr schedule
 
@@ -114,14 +134,17 @@ def build_model(cfg, classes):
                heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, attn_drop_mode=cfg.mode, drop_ratio=cfg.drop_ratio,
                schedule=cfg.schedule, block_size=cfg.block_size)
 
+
 def build_optimizer(model, cfg):
     """AdamW with weight decay on tensors of >= 2 dims (matrices, embeddings), not on biases and norms."""
     params = list(model.parameters())
     return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr)
 
+
 def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
 
 def get_lr(step, cfg, steps_per_epoch):
     """Linear warm-up, cosine decay to 0 at the end of --epochs, then the constant fine-tune lr (Sec. 4.1)."""
@@ -132,9 +155,11 @@ def get_lr(step, cfg, steps_per_epoch):
         return cfg.lr * (step + 1) / warmup
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
+
 # ----------------------------------------------------------------------------- one training epoch
 
 PROGRESS_EVERY = 20  # steps between two reads of the running loss and accuracy by the progress bar
+
 
 def train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progress):
     """One pass over the shuffled training split; returns its statistics and the next step. No step waits for the
@@ -168,6 +193,7 @@ def train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progres
     return dict(lr=lr, train_loss=loss_sum / n, train_acc=correct / n, images=n, time_s=seconds,
                 images_per_s=n / seconds), step
 
+
 def check_finite(model, losses, cfg, epoch):
     """Stop at the first non-finite loss or weight; the epoch is never committed: the last finite checkpoint stays."""
     bad_loss = ~torch.isfinite(losses)                                      # (steps,)
@@ -179,6 +205,7 @@ def check_finite(model, losses, cfg, epoch):
         flag, lr = ("--lr", cfg.lr) if epoch < cfg.epochs else ("--finetune-lr", cfg.finetune_lr)
         raise DataError(f"training diverged in epoch {epoch + 1}, step {i + 1} of {len(losses)}: {what}; "
                         f"{kept}; try a smaller {flag} (this run: {lr:g})")
+
 
 # ----------------------------------------------------------------------------- the paper's evaluations
 
@@ -193,6 +220,7 @@ def evaluate(model, data, cfg, drop_patches=0.0):
         sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()])
     return tuple(s / len(images) for s in sums.tolist())
 
+
 @torch.no_grad()
 def entropy_per_layer(model, data, cfg):
     """Per layer, the class token's attention entropy -sum_j p_j log p_j over its N keys, mean over images (Fig. 4)."""
@@ -202,6 +230,7 @@ def entropy_per_layer(model, data, cfg):
             _, attention = model.eval()(normalize(images[i:i + cfg.batch_size], data), return_attention=True)
         total += torch.stack([cls_attention_entropy(w).sum() for w in attention]).cpu()  # (depth,)
     return (total / len(images)).tolist()
+
 
 @torch.no_grad()
 def save_attention_map(model, data, path, count=4):
@@ -221,6 +250,7 @@ def save_attention_map(model, data, path, count=4):
     fig.savefig(png := io.BytesIO(), format="png", dpi=100)
     plt.close(fig)
     atomic_save(path, png.getvalue())
+
 
 def paper_evaluations(model, data, cfg, plain_seconds):
     """The paper's analyses of the model as trained, before any fine-tune: Table 4, Fig. 4, Table 3, Fig. 5."""
@@ -242,12 +272,14 @@ def paper_evaluations(model, data, cfg, plain_seconds):
         save_attention_map(model, data, os.path.join(cfg.out, "attention.png"))
     return results
 
+
 # ----------------------------------------------------------------------------- the run folder
 
 COLUMNS = [("epoch", 5, "d"), ("stage", 8, "s"), ("lr", 8, ".1e"), ("train_loss", 10, ".4f"),
            ("train_acc", 9, ".4f"), ("test_loss", 9, ".4f"), ("test_acc", 8, ".4f"),
            ("images_per_s", 12, ".0f"), ("time_s", 7, ".1f")]
 CHECKPOINT_KEYS = ("model", "optimizer", "config", "epoch", "step", "history", "results", "rng", "sha256")
+
 
 def train(cfg, checkpoint, progress):
     """Train, then fine-tune, from scratch or from `checkpoint`. Each epoch's one commit is checkpoint.pt (weights,
@@ -304,6 +336,7 @@ def train(cfg, checkpoint, progress):
         metrics = write_results(cfg, history, results, model, device)
     print(to_json({k: round(v, 4) for k, v in metrics.items() if k.startswith("test_acc")}))
 
+
 def write_results(cfg, history, results, model, device):
     """log.jsonl, then metrics.json (last epoch of each stage, evaluations, speed, config), as of `history`."""
     atomic_save(os.path.join(cfg.out, "log.jsonl"), "".join(to_json(r) + "\n" for r in history))
@@ -318,9 +351,11 @@ def write_results(cfg, history, results, model, device):
     atomic_save(os.path.join(cfg.out, "metrics.json"), to_json(metrics, indent=2))
     return metrics
 
+
 def to_json(value, **kwargs):
     """Strict JSON (no NaN or Infinity tokens, which strict parsers reject): a non-finite number becomes null."""
     return json.dumps(json.loads(json.dumps(value), parse_constant=lambda token: None), allow_nan=False, **kwargs)
+
 
 def atomic_save(path, data):
     """Write through path.tmp and os.replace: no reader or crash sees half a file; a failed write is one line."""
@@ -336,6 +371,7 @@ def atomic_save(path, data):
         raise DataError(f"could not write {path} ({e.strerror or e}); the run folder keeps its last complete epoch: "
                         f"free some space or make it writable, then continue with --resume") from None
 
+
 def checksum(state):
     """sha256 (hex) of a checkpoint: its JSON, each tensor as dtype and shape, then the tensors' bytes in order."""
     tensors = []
@@ -344,6 +380,7 @@ def checksum(state):
     for t in tensors:
         digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
+
 
 def load_checkpoint(path):
     """A checkpoint of this script, loaded with weights_only=True (it cannot run code) and matching its sha256."""
@@ -360,8 +397,10 @@ def load_checkpoint(path):
         raise DataError(f"{path} does not match its checksum (damaged on disk or in transfer); restore a copy")
     return checkpoint
 
+
 def first_line(error):
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
 
 @contextlib.contextmanager
 def locked(out):
@@ -375,9 +414,11 @@ def locked(out):
                             f"another --out") from None
         yield
 
+
 # ----------------------------------------------------------------------------- the CIFAR files
 
 DOWNLOAD_DEADLINE_S = 3600  # the whole tarball; each read also waits at most 60 s
+
 
 def ensure_cifar(spec, data_dir):
     """The CIFAR folder; if missing, download the tarball (unless present), check its md5 (another md5: *.bad,
@@ -406,6 +447,7 @@ def ensure_cifar(spec, data_dir):
         os.replace(os.path.join(tmp, spec["folder"]), folder)
     return folder
 
+
 def download(url, path):
     """Stream `url` into path.part, continued with an HTTP Range request where the server allows it, then rename
     it: an interrupted download never looks complete; a trickle is cut off after DOWNLOAD_DEADLINE_S in all."""
@@ -431,6 +473,7 @@ def download(url, path):
                         f"yourself, or try --dataset synthetic") from None
     os.replace(part, path)
 
+
 class CifarUnpickler(pickle.Unpickler):
     """Builds only what the official CIFAR files hold (Python 2 pickles of a dict of bytes, ints, lists and a uint8
     array): a plain pickle.load calls whatever global a file names (os.system, open), so any other is refused."""
@@ -441,6 +484,7 @@ class CifarUnpickler(pickle.Unpickler):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refused {module}.{name}: CIFAR files never name it; it could run code")
         return self.ALLOWED[(module, name)]
+
 
 def read_batch(path, spec):
     """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from one official CIFAR batch file."""
@@ -458,15 +502,18 @@ def read_batch(path, spec):
         raise DataError(f"{path}: expected b'data', uint8 N x 3072, N labels below {spec['classes']}; delete {folder}")
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)  # rows: R, G, B
 
+
 # ----------------------------------------------------------------------------- --summarize
 
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
+
 def t_975(df):
     """The 0.975 quantile of Student's t: a table up to df = 30, then a Cornish-Fisher expansion (error < 1e-4)."""
     z = 1.959964
     return T_975[df - 1] if df <= 30 else z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
 
 def summarize(folders, baseline=None):
     """A Markdown table of finished runs grouped by configuration (all but seed and out), mean ± sd per metric;
@@ -528,6 +575,7 @@ def summarize(folders, baseline=None):
               "interval], seeds whose difference has the sign of the mean (a zero counts against)."]
     return "\n".join(lines + table([names[i] for i in others], paired))
 
+
 # ----------------------------------------------------------------------------- command line
 
 def number(kind, low, high=None, low_open=False):
@@ -539,6 +587,7 @@ def number(kind, low, high=None, low_open=False):
         return value
     parse.__name__ = kind.__name__
     return parse
+
 
 def build_parser():
     p = argparse.ArgumentParser(prog="train_cifar.py", description=__doc__.split("\n")[0],
@@ -588,10 +637,12 @@ def build_parser():
 
 RUNTIME_FLAGS = ("out", "resume", "progress", "dry_run", "summarize", "baseline")  # not part of a run's configuration
 
+
 def resolve_device(name):
     """'auto' as the device it picks (cuda, else mps, else cpu), so that a run's config says where it ran."""
     auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     return auto if name == "auto" else name
+
 
 def resolve_config(args, parser, argv=None):
     """The run's configuration (a new Namespace) and the checkpoint to resume from. A resumed run keeps its saved
@@ -613,6 +664,7 @@ def resolve_config(args, parser, argv=None):
                      f"(saved: {saved.get(key)})")
     device = resolve_device(args.device) if "device" in given else saved["device"]
     return argparse.Namespace(**{**saved, "out": args.resume, "device": device}), checkpoint
+
 
 def check_config(cfg, parser):
     """Each configuration mistake as one error line, before any data is read; returns the model it built."""
@@ -645,6 +697,7 @@ def check_config(cfg, parser):
     except ValueError as e:
         parser.error(str(e))
     return model
+
 
 def main(argv=None):
     parser = build_parser()
