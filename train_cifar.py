@@ -116,10 +116,6 @@ def augment(images, generator):
                   torch.arange(C, device=device).view(1, C, 1, 1), rows, cols]  # (B, C, H, W)
 
 
-def normalize(images, data):
-    return (images.float() / 255 - data["mean"]) / data["std"]              # (B, 3, 32, 32)
-
-
 # ----------------------------------------------------------------------------- model, optimizer, lr schedule
 
 def build_model(cfg):
@@ -138,8 +134,11 @@ def build_optimizer(model, cfg):
                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr)
 
 
-def autocast(device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def forward(model, images, data, **kwargs):
+    """The model on uint8 `images` normalised by the dataset's mean and std, in bfloat16 autocast on CUDA."""
+    x = (images.float() / 255 - data["mean"]) / data["std"]                  # (B, 3, 32, 32)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        return model(x, **kwargs)
 
 
 def get_lr(step, cfg, steps_per_epoch):
@@ -168,12 +167,10 @@ def train_one_epoch(model, optimizer, data, cfg, epoch, generator, progress):
     bar = tqdm(range(steps), desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
     for i in bar:
         idx = order[i * bs:(i + 1) * bs]
-        x, y = normalize(augment(images[idx], generator), data), labels[idx]
         lr = get_lr(epoch * steps + i, cfg, steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast(x.device):
-            logits = model(x).float()                                       # (B, classes)
+        logits, y = forward(model, augment(images[idx], generator), data).float(), labels[idx]  # (B, classes), (B,)
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -206,10 +203,8 @@ def evaluate(model, data, cfg, split="test", drop_patches=0.0, entropy=False):
     `entropy`, then per layer the class token's attention entropy -sum_j p_j log p_j over its N keys (Fig. 4)."""
     images, labels = data[split]
     sums = torch.zeros(2 + entropy * len(model.blocks), device=images.device)  # loss, correct, entropy per layer
-    for i in range(0, len(images), cfg.batch_size):
-        x, y = normalize(images[i:i + cfg.batch_size], data), labels[i:i + cfg.batch_size]
-        with autocast(x.device):
-            out = model.eval()(x, return_attention=entropy, drop_patches=drop_patches)
+    for x, y in zip(images.split(cfg.batch_size), labels.split(cfg.batch_size)):
+        out = forward(model.eval(), x, data, return_attention=entropy, drop_patches=drop_patches)
         logits, attention = (out[0].float(), out[1]) if entropy else (out.float(), [])  # (B, classes), per layer
         sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum(),
                              *[cls_attention_entropy(w).sum() for w in attention]])
@@ -221,7 +216,7 @@ def save_attention_map(model, data, path, count=4):
     """Fig. 5: test images above the last layer's class-token attention on the patch grid, mean over heads."""
     from matplotlib.figure import Figure                                    # without pyplot: no backend, no window
     images = data["test"][0][:count]
-    _, attention = model.eval()(normalize(images, data), return_attention=True)
+    _, attention = forward(model.eval(), images, data, return_attention=True)
     maps = attention[-1][:, :, 0, 1:].float().mean(1).reshape(len(images), *model.grid)  # (count, n_h, n_w)
     fig = Figure(figsize=(2 * len(images), 4.2))
     axes = fig.subplots(2, len(images), squeeze=False, subplot_kw=dict(xticks=[], yticks=[], frame_on=False))
@@ -244,8 +239,7 @@ def paper_evaluations(model, data, cfg, plain_seconds):
         seconds[key] = time.perf_counter() - start
     model.mc_samples, model.align = 0, "none"
     results.update(eval_time_s=seconds, cls_attention_entropy=evaluate(model, data, cfg, entropy=True)[2:])
-    # the training split in eval mode (no dropout, no augmentation, its labels as trained on): train_acc_eval -
-    # test_acc is the generalisation gap; train_acc is measured during the epoch, under dropout and augmentation
+    # train_acc_eval - test_acc is the generalisation gap (train_acc is measured under dropout and augmentation)
     results["train_acc_eval"] = evaluate(model, data, cfg, split="train")[1]
     if cfg.occlusion:  # accuracy with a fraction f of the patches removed before the blocks, 5 draws (Table 3)
         results["occlusion"] = {"0.0": evaluate(model, data, cfg)[1], **{str(f): sum(
@@ -264,9 +258,8 @@ CHECKPOINT_KEYS = ("model", "optimizer", "config", "epoch", "history", "results"
 
 
 def train(cfg, model, checkpoint, progress):
-    """Train, then fine-tune, from scratch or from `checkpoint`. Each epoch's one commit is checkpoint.pt; log.jsonl
-    and metrics.json are derived from it after it and on every start, never ahead of it: a run killed anywhere
-    resumes to the folder of an uninterrupted run."""
+    """Train, then fine-tune, from scratch or from `checkpoint`. checkpoint.pt is each epoch's one commit; log.jsonl and
+    metrics.json follow from it, never ahead: a run killed anywhere resumes to the folder of an uninterrupted run."""
     device, data = torch.device(cfg.device), load_data(cfg, torch.device(cfg.device))
     model.to(device)
     trained = torch.compile(model, fullgraph=True) if cfg.compile else model  # evaluations stay eager
@@ -610,23 +603,22 @@ def resolve_device(name):
 def resolve_config(args, parser, argv=None):
     """The run's configuration (a new Namespace) and the checkpoint to resume from. A resumed run keeps its saved
     configuration: a flag given that differs from it is refused, even one equal to its default, but --device."""
-    runtime = ("out", "resume", "progress", "dry_run", "summarize", "baseline")  # not part of a run's configuration
+    runtime = ("resume", "progress", "dry_run", "summarize", "baseline")  # not part of a run's configuration
     if args.resume is None:
         config = {k: v for k, v in vars(args).items() if k not in runtime}
         out = args.out or os.path.join("runs", f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
-        return argparse.Namespace(**{**config, "device": resolve_device(args.device)}, out=out), None
-    unset = object()  # argparse fills in no default where the namespace has the name: only given flags change
-    given = {k: v for k, v in vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset))))
-             .items() if v is not unset}
-    if "out" in given and os.path.realpath(given["out"]) != os.path.realpath(args.resume):
-        parser.error(f"--resume continues in its own folder {args.resume}; drop --out (or copy the folder)")
+        return argparse.Namespace(**{**config, "device": resolve_device(args.device), "out": out}), None
+    unset = object()  # argparse sets no default for a name the namespace already holds: only given flags change
+    parsed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    given = {k: v for k, v in vars(parsed).items() if v is not unset}
     checkpoint = load_checkpoint(os.path.join(args.resume, "checkpoint.pt"))
-    saved = {"label_noise": 0.0, "compile": False, **checkpoint["config"]}  # runs saved before these flags
+    # a run continues in its own folder (to branch it, copy the folder); label_noise, compile: runs saved before them
+    saved = {"label_noise": 0.0, "compile": False, **checkpoint["config"], "out": args.resume}
     for key in [k for k in given if k not in runtime + ("device",) and given[k] != saved.get(k)]:
         parser.error(f"--resume continues with the saved configuration; drop --{key.replace('_', '-')} "
                      f"(saved: {saved.get(key)})")
     device = resolve_device(args.device) if "device" in given else saved["device"]
-    return argparse.Namespace(**{**saved, "out": args.resume, "device": device}), checkpoint
+    return argparse.Namespace(**{**saved, "device": device}), checkpoint
 
 
 def check_config(cfg, parser):
@@ -652,10 +644,9 @@ def check_config(cfg, parser):
             parser.error(f"{flag} {path}: cannot write in {existing} (read-only, no permission); choose another {flag}")
     try:
         model = build_model(cfg).eval()
-        if cfg.align == "exact":  # one forward pass finds what the model refuses, e.g. a structured mode
-            model.align = "exact"
-            model(torch.zeros(1, 3, 32, 32))
-            model.align = "none"
+        model.align = cfg.align  # one forward pass finds what the model refuses, e.g. exact alignment of a block mode
+        model(torch.zeros(1, 3, 32, 32))
+        model.align = "none"
     except ValueError as e:
         parser.error(str(e))
     return model
