@@ -251,21 +251,20 @@ def paper_evaluations(model, data, cfg, plain_seconds):
 
 # ----------------------------------------------------------------------------- the run folder
 
-COLUMNS = [("epoch", 5, "d"), ("stage", 8, "s"), ("lr", 8, ".1e"), ("train_loss", 10, ".4f"),
-           ("train_acc", 9, ".4f"), ("test_loss", 9, ".4f"), ("test_acc", 8, ".4f"),
-           ("images_per_s", 12, ".0f"), ("time_s", 7, ".1f")]
+COLUMNS = [("epoch", 5, "d"), ("stage", 8, "s"), ("lr", 8, ".1e"), ("train_loss", 10, ".4f"), ("train_acc", 9, ".4f"),
+           ("test_loss", 9, ".4f"), ("test_acc", 8, ".4f"), ("images_per_s", 12, ".0f"), ("time_s", 7, ".1f")]
 CHECKPOINT_KEYS = ("model", "optimizer", "config", "epoch", "history", "results", "rng", "sha256")
 
 
 def train(cfg, model, checkpoint, progress):
     """Train, then fine-tune, from scratch or from `checkpoint`. checkpoint.pt is each epoch's one commit; log.jsonl and
     metrics.json follow from it, never ahead: a run killed anywhere resumes to the folder of an uninterrupted run."""
-    device, data = torch.device(cfg.device), load_data(cfg, torch.device(cfg.device))
-    model.to(device)
+    data = load_data(cfg, cfg.device)
+    model.to(cfg.device)
     trained = torch.compile(model, fullgraph=True) if cfg.compile else model  # evaluations stay eager
     compile_errors = torch._dynamo.exc.TorchDynamoException if cfg.compile else ()  # raised at the first step
     optimizer, history, results = build_optimizer(model, cfg), [], {}
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and augmentation
+    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)  # batch order and augmentation
     for name in [n for n in os.listdir(cfg.out) if n.endswith(".tmp")]:  # left by a run that died writing
         os.remove(os.path.join(cfg.out, name))
     if checkpoint is not None:  # everything that decides what happens next, the random states included
@@ -283,7 +282,7 @@ def train(cfg, model, checkpoint, progress):
         write_results(cfg, history, results, model)
     if len(history) == (total := cfg.epochs + cfg.finetune_epochs):
         return print(f"{cfg.out} has finished all {total} epochs; log.jsonl and metrics.json are complete")
-    print(f"{cfg.dataset}: {len(data['train'][0])} train / {len(data['test'][0])} test images on {device}; "
+    print(f"{cfg.dataset}: {len(data['train'][0])} train / {len(data['test'][0])} test images on {cfg.device}; "
           f"{cfg.mode}, layer drop ratios {[round(r, 3) for r in model.layer_ratios]}; run folder {cfg.out}")
     print(" ".join(f"{name:>{width}}" for name, width, _ in COLUMNS))
     for epoch in range(len(history), total):
@@ -409,11 +408,9 @@ def ensure_cifar(spec, data_dir):
         try:
             with tarfile.open(tarball) as tar:
                 tar.extractall(tmp, filter="data")
+            os.replace(os.path.join(tmp, spec["folder"]), folder)           # fails if the tarball lacks the folder
         except (tarfile.TarError, OSError, EOFError) as e:
             raise DataError(f"could not extract {tarball} ({e}); delete it and run again") from None
-        if not os.path.isdir(os.path.join(tmp, spec["folder"])):
-            raise DataError(f"{tarball} has no {spec['folder']}/ inside; delete it and run again")
-        os.replace(os.path.join(tmp, spec["folder"]), folder)
     return folder
 
 
@@ -676,8 +673,9 @@ def main(argv=None):
             if checkpoint is None and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
                 parser.error(f"{cfg.out} holds a run already; continue it with --resume, or choose another --out")
             if args.dry_run:
-                return print(f"dry run: configuration is valid; {sum(p.numel() for p in model.parameters())} "
-                             f"parameters, layer drop ratios {[round(r, 3) for r in model.layer_ratios]}, {cfg.out}")
+                params = sum(p.numel() for p in model.parameters())
+                return print(f"dry run: configuration is valid; {params} parameters, "
+                             f"layer drop ratios {[round(r, 3) for r in model.layer_ratios]}, run folder {cfg.out}")
             progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
             train(cfg, model, checkpoint, progress)
     except DataError as e:
