@@ -51,9 +51,9 @@ class DataError(Exception):
 
 
 def load_data(cfg, device):
-    """Both splits as uint8 images and int64 labels on `device`, plus the class count, mean and std."""
+    """Both splits as uint8 images and int64 labels on `device`, plus the per-channel mean and std."""
     spec = SYNTHETIC if cfg.dataset == "synthetic" else CIFAR[cfg.dataset]
-    data, limit = dict(classes=spec["classes"]), dict(train=cfg.limit_train, test=cfg.limit_test)
+    data, limit = {}, dict(train=cfg.limit_train, test=cfg.limit_test)
     for s in ("train", "test"):
         if cfg.dataset == "synthetic":
             x, y = synthetic(min(limit[s] or spec[s], spec[s]), cfg.seed, s)
