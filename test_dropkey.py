@@ -1297,7 +1297,6 @@ def test_trainer_cifar_loader_reads_the_official_pickle_format(tmp_path, name):
         assert images.dtype == torch.uint8 and images.shape == (7 * len(expect), 3, 32, 32)
         assert torch.equal(images, torch.cat([_channel_major(d) for d, _ in expect]))
         assert labels.tolist() == sum((l for _, l in expect), [])       # fine labels for CIFAR-100
-    assert data["classes"] == spec["classes"]
     torch.testing.assert_close(data["mean"].flatten(), torch.tensor(spec["mean"]), rtol=0, atol=0)
 
 
@@ -1321,7 +1320,7 @@ def test_trainer_tarball_without_the_folder_leaves_nothing_half_extracted(tmp_pa
     os.replace(tarball, data_dir / "cifar-10-python.tar.gz")            # ... under the CIFAR-10 name
     md5 = hashlib.md5((data_dir / "cifar-10-python.tar.gz").read_bytes()).hexdigest()
     monkeypatch.setitem(train_cifar.CIFAR["cifar10"], "md5", md5)
-    with pytest.raises(train_cifar.DataError, match="has no cifar-10-batches-py/ inside"):
+    with pytest.raises(train_cifar.DataError, match="could not extract .*cifar-10-batches-py.*; delete it and run"):
         train_cifar.load_data(_cfg("cifar10", data_dir), torch.device("cpu"))
     assert os.listdir(data_dir) == ["cifar-10-python.tar.gz"]
 
@@ -1613,8 +1612,8 @@ def _epoch_syncs(monkeypatch, n, progress):
     images, labels = train_cifar.synthetic(n, seed=0)
     data = dict(train=(images, labels), mean=torch.zeros(1, 3, 1, 1), std=torch.ones(1, 3, 1, 1))
     with _one_thread():
-        stats, step = train_cifar.train_one_epoch(model, train_cifar.build_optimizer(model, cfg), data, cfg, 0, 0,
-                                                  torch.Generator().manual_seed(0), progress)
+        stats = train_cifar.train_one_epoch(model, train_cifar.build_optimizer(model, cfg), data, cfg, 0,
+                                            torch.Generator().manual_seed(0), progress)
     monkeypatch.undo()
     return len(syncs), postfixes, stats
 
@@ -2179,7 +2178,7 @@ def test_run_folder_unwritable_paths_are_one_line_before_any_data_is_read(
 
 def test_run_folder_batch_files_without_images_are_one_line(tmp_path):
     _write_cifar(tmp_path, "cifar10", n=0)
-    with pytest.raises(train_cifar.DataError, match="the train files in .* hold no images; delete"):
+    with pytest.raises(train_cifar.DataError, match="data_batch_1 is not a valid .*N > 0.*; delete .* and run again"):
         train_cifar.load_data(_cfg("cifar10", tmp_path), torch.device("cpu"))
 
 

@@ -1,11 +1,22 @@
 """Train a ViT with any attention-dropout mode on CIFAR-10/100 or synthetic data; run the paper's evaluations.
 
-Li et al., "DropKey for Vision Transformer", CVPR 2023, Sec. 4.1: Tables 1-4 and Figs. 4-5 on CIFAR, each one
-command (README, "Train"). Reading order: data -> model, optimizer, lr schedule -> one training epoch -> the
-paper's evaluations -> the run folder (the loop over epochs; one checkpoint per epoch is the commit) -> the CIFAR
-files (download, md5, a restricted unpickler) -> --summarize -> command line.
+Li et al., "DropKey for Vision Transformer", CVPR 2023, Sec. 4.1: Tables 1-4 and Figs. 4-5 (README, "Train").
+Reading order: data -> model, optimizer, lr schedule -> one training epoch -> the paper's evaluations -> the run
+folder (one checkpoint per epoch is the commit) -> the CIFAR files -> --summarize -> command line.
 """
-import argparse, contextlib, hashlib, http.client, io, json, math, os, pickle, sys, tarfile, tempfile, time
+import argparse
+import contextlib
+import hashlib
+import http.client
+import io
+import json
+import math
+import os
+import pickle
+import sys
+import tarfile
+import tempfile
+import time
 import urllib.request
 
 import numpy as np
@@ -17,10 +28,8 @@ import dropkey
 from vit import ViT, cls_attention_entropy
 
 fcntl = __import__("fcntl") if os.name == "posix" else None  # elsewhere (Windows) run folders are not locked
-try:
-    from numpy._core.multiarray import _reconstruct  # numpy >= 2
-except ImportError:
-    from numpy.core.multiarray import _reconstruct   # numpy 1.x
+_reconstruct = np.zeros(0).__reduce__()[0]  # numpy's array rebuilder, which the CIFAR pickles name
+
 
 # ----------------------------------------------------------------------------- data
 
@@ -36,30 +45,30 @@ CIFAR = {  # the official python tarballs, their md5 and per-channel statistics
 SYNTHETIC = dict(train=10000, test=2000, classes=10,  # mean and std measured on the seed-0 train split
                  mean=(0.4130, 0.4115, 0.4118), std=(0.2333, 0.2339, 0.2332))
 
+
 class DataError(Exception):
     """A problem with the data, the run folder or training; main prints it as one line, without a traceback."""
 
+
 def load_data(cfg, device):
-    """Both splits as uint8 images and int64 labels on `device`, plus the class count, mean and std."""
+    """Both splits as uint8 images and int64 labels on `device`, plus the per-channel mean and std."""
     spec = SYNTHETIC if cfg.dataset == "synthetic" else CIFAR[cfg.dataset]
-    data, limit = dict(classes=spec["classes"]), dict(train=cfg.limit_train, test=cfg.limit_test)
+    data, limit = {}, dict(train=cfg.limit_train, test=cfg.limit_test)
     for s in ("train", "test"):
         if cfg.dataset == "synthetic":
             x, y = synthetic(min(limit[s] or spec[s], spec[s]), cfg.seed, s)
         else:
             folder = ensure_cifar(spec, cfg.data_dir)  # downloaded and checked where missing (see below)
             x, y = map(torch.cat, zip(*[read_batch(os.path.join(folder, name), spec) for name in spec[s]]))
-            if len(x) == 0:
-                raise DataError(f"the {s} files in {folder} hold no images; delete {folder} and run again")
         data[s] = (x[:limit[s]].to(device), y[:limit[s]].to(device))
     if getattr(cfg, "label_noise", 0.0):  # training labels only: the test split stays clean
         data["train"] = (data["train"][0], noisy_labels(data["train"][1], cfg.label_noise, spec["classes"], cfg.seed))
     return dict(data, **{k: torch.tensor(spec[k], device=device).view(1, 3, 1, 1) for k in ("mean", "std")})
 
+
 def synthetic(n, seed, split="train", chunk=1000):
-    """`n` 32x32 images (uint8, (n, 3, 32, 32)) and labels in 0..9: a bright disc on a dark, noisy ground whose
-    texture is the class (stripes at 0, +-30, +-60, 90 degrees, the sign random, or a plaid; period 5 or 10 pixels).
-    Place, size, phase and colours are random; chunk c has its own seed, so the first k do not depend on n."""
+    """`n` images (n, 3, 32, 32) uint8, labels 0..9: a bright disc on a dark, noisy ground, textured by its class
+    (stripes at 0, +-30, +-60, 90 degrees or a plaid, period 5 or 10 px); chunk c has its own seed (prefix-stable)."""
     images, labels = [], []
     y, x = torch.meshgrid(torch.arange(32.0) + 0.5, torch.arange(32.0) + 0.5, indexing="ij")  # (32, 32)
     for c in range(math.ceil(n / chunk)):
@@ -83,6 +92,7 @@ def synthetic(n, seed, split="train", chunk=1000):
         labels.append(label)
     return torch.cat(images)[:n], torch.cat(labels)[:n]
 
+
 def noisy_labels(labels, fraction, classes, seed):
     """A copy of `labels`, round(fraction * n) of them moved to another class: labels only memorisation learns."""
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 2]).generate_state(1)[0]))
@@ -91,6 +101,7 @@ def noisy_labels(labels, fraction, classes, seed):
     noisy = labels.cpu().clone()
     noisy[changed] = (noisy[changed] + shift) % classes
     return noisy.to(labels.device)
+
 
 def augment(images, generator):
     """Random crop with 4-pixel zero padding and a random horizontal flip of a whole uint8 batch, on its device."""
@@ -104,15 +115,17 @@ def augment(images, generator):
     return padded[torch.arange(B, device=device).view(B, 1, 1, 1),
                   torch.arange(C, device=device).view(1, C, 1, 1), rows, cols]  # (B, C, H, W)
 
-def normalize(images, data):
-    return (images.float() / 255 - data["mean"]) / data["std"]              # (B, 3, 32, 32)
 
 # ----------------------------------------------------------------------------- model, optimizer, lr schedule
 
-def build_model(cfg, classes):
+def build_model(cfg):
+    """The ViT of `cfg`, its weights drawn from --seed."""
+    torch.manual_seed(cfg.seed)
+    classes = (SYNTHETIC if cfg.dataset == "synthetic" else CIFAR[cfg.dataset])["classes"]
     return ViT(image_size=32, patch_size=cfg.patch_size, num_classes=classes, dim=cfg.dim, depth=cfg.depth,
                heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, attn_drop_mode=cfg.mode, drop_ratio=cfg.drop_ratio,
                schedule=cfg.schedule, block_size=cfg.block_size)
+
 
 def build_optimizer(model, cfg):
     """AdamW with weight decay on tensors of >= 2 dims (matrices, embeddings), not on biases and norms."""
@@ -120,8 +133,13 @@ def build_optimizer(model, cfg):
     return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr)
 
-def autocast(device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+def forward(model, images, data, **kwargs):
+    """The model on uint8 `images` normalised by the dataset's mean and std, in bfloat16 autocast on CUDA."""
+    x = (images.float() / 255 - data["mean"]) / data["std"]                  # (B, 3, 32, 32)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        return model(x, **kwargs)
+
 
 def get_lr(step, cfg, steps_per_epoch):
     """Linear warm-up, cosine decay to 0 at the end of --epochs, then the constant fine-tune lr (Sec. 4.1)."""
@@ -132,95 +150,83 @@ def get_lr(step, cfg, steps_per_epoch):
         return cfg.lr * (step + 1) / warmup
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
+
 # ----------------------------------------------------------------------------- one training epoch
 
 PROGRESS_EVERY = 20  # steps between two reads of the running loss and accuracy by the progress bar
 
-def train_one_epoch(model, optimizer, data, cfg, epoch, step, generator, progress):
-    """One pass over the shuffled training split; returns its statistics and the next step. No step waits for the
-    device: losses and correct counts stay in tensors, read by the progress bar every PROGRESS_EVERY steps."""
+
+def train_one_epoch(model, optimizer, data, cfg, epoch, generator, progress):
+    """One pass over the shuffled training split; returns its statistics. No step waits for the device: losses
+    and correct counts stay in tensors, read by the progress bar every PROGRESS_EVERY steps."""
     model.train()
     (images, labels), bs, start = data["train"], cfg.batch_size, time.perf_counter()
-    n, steps_per_epoch = len(images), math.ceil(len(images) / cfg.batch_size)
+    n, steps = len(images), math.ceil(len(images) / cfg.batch_size)
     order = torch.randperm(n, device=images.device, generator=generator)
-    losses, sums = torch.zeros(steps_per_epoch, device=images.device), torch.zeros(2, device=images.device)
-    bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
+    losses, sums = torch.zeros(steps, device=images.device), torch.zeros(2, device=images.device)
+    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
     for i in bar:
         idx = order[i * bs:(i + 1) * bs]
-        x, y = normalize(augment(images[idx], generator), data), labels[idx]
-        lr = get_lr(step, cfg, steps_per_epoch)
+        lr = get_lr(epoch * steps + i, cfg, steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast(x.device):
-            logits = model(x).float()                                       # (B, classes)
+        logits, y = forward(model, augment(images[idx], generator), data).float(), labels[idx]  # (B, classes), (B,)
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        step += 1
         losses[i] = loss.detach()
         sums += torch.stack([loss.detach() * len(idx), (logits.argmax(1) == y).sum()])  # loss * images, correct
-        if progress and ((i + 1) % PROGRESS_EVERY == 0 or i + 1 == steps_per_epoch):
+        if progress and ((i + 1) % PROGRESS_EVERY == 0 or i + 1 == steps):
             seen, (loss_sum, correct), seconds = min(n, (i + 1) * bs), sums.tolist(), time.perf_counter() - start
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{seen / seconds:.0f}")
-    check_finite(model, losses, cfg, epoch)
-    (loss_sum, correct), seconds = sums.tolist(), time.perf_counter() - start
-    return dict(lr=lr, train_loss=loss_sum / n, train_acc=correct / n, images=n, time_s=seconds,
-                images_per_s=n / seconds), step
-
-def check_finite(model, losses, cfg, epoch):
-    """Stop at the first non-finite loss or weight; the epoch is never committed: the last finite checkpoint stays."""
-    bad_loss = ~torch.isfinite(losses)                                      # (steps,)
-    if bad_loss.any() or not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
-        i = int(bad_loss.nonzero()[0]) if bad_loss.any() else len(losses) - 1
-        what = f"the loss is {losses[i].item()}" if bad_loss.any() else "its update made a weight non-finite"
+    # a non-finite loss or weight stops the run before this epoch's commit: the last finite checkpoint stays
+    finite = torch.cat([torch.isfinite(losses), torch.stack([torch.isfinite(p).all() for p in model.parameters()])])
+    if not finite.all():
+        i = int((~finite).nonzero()[0])                                     # i >= steps: a weight, after the last step
+        what = f"the loss is {losses[i].item()}" if i < steps else "its update made a weight non-finite"
         kept = f"{cfg.out} keeps the checkpoint of epoch {epoch}, the last finite one" if epoch else \
             "no checkpoint was written"
-        flag, lr = ("--lr", cfg.lr) if epoch < cfg.epochs else ("--finetune-lr", cfg.finetune_lr)
-        raise DataError(f"training diverged in epoch {epoch + 1}, step {i + 1} of {len(losses)}: {what}; "
-                        f"{kept}; try a smaller {flag} (this run: {lr:g})")
+        flag, rate = ("--lr", cfg.lr) if epoch < cfg.epochs else ("--finetune-lr", cfg.finetune_lr)
+        raise DataError(f"training diverged in epoch {epoch + 1}, step {min(i + 1, steps)} of {steps}: {what}; "
+                        f"{kept}; try a smaller {flag} (this run: {rate:g})")
+    (loss_sum, correct), seconds = sums.tolist(), time.perf_counter() - start
+    return dict(lr=lr, train_loss=loss_sum / n, train_acc=correct / n, images=n, time_s=seconds,
+                images_per_s=n / seconds)
+
 
 # ----------------------------------------------------------------------------- the paper's evaluations
 
 @torch.no_grad()
-def evaluate(model, data, cfg, drop_patches=0.0):
-    """(loss, accuracy) on the test split in eval mode: no attention dropout unless an alignment is on."""
-    (images, labels), sums = data["test"], torch.zeros(2, device=data["test"][0].device)  # loss, correct
-    for i in range(0, len(images), cfg.batch_size):
-        x, y = normalize(images[i:i + cfg.batch_size], data), labels[i:i + cfg.batch_size]
-        with autocast(x.device):
-            logits = model.eval()(x, drop_patches=drop_patches).float()     # (B, classes)
-        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()])
-    return tuple(s / len(images) for s in sums.tolist())
+def evaluate(model, data, cfg, split="test", drop_patches=0.0, entropy=False):
+    """[loss, accuracy] on a split in eval mode (attention dropout only in an alignment), means over images; with
+    `entropy`, then per layer the class token's attention entropy -sum_j p_j log p_j over its N keys (Fig. 4)."""
+    images, labels = data[split]
+    sums = torch.zeros(2 + entropy * len(model.blocks), device=images.device)  # loss, correct, entropy per layer
+    for x, y in zip(images.split(cfg.batch_size), labels.split(cfg.batch_size)):
+        out = forward(model.eval(), x, data, return_attention=entropy, drop_patches=drop_patches)
+        logits, attention = (out[0].float(), out[1]) if entropy else (out.float(), [])  # (B, classes), per layer
+        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum(),
+                             *[cls_attention_entropy(w).sum() for w in attention]])
+    return [s / len(images) for s in sums.tolist()]
 
-@torch.no_grad()
-def entropy_per_layer(model, data, cfg):
-    """Per layer, the class token's attention entropy -sum_j p_j log p_j over its N keys, mean over images (Fig. 4)."""
-    images, total = data["test"][0], torch.zeros(len(model.blocks))
-    for i in range(0, len(images), cfg.batch_size):
-        with autocast(images.device):
-            _, attention = model.eval()(normalize(images[i:i + cfg.batch_size], data), return_attention=True)
-        total += torch.stack([cls_attention_entropy(w).sum() for w in attention]).cpu()  # (depth,)
-    return (total / len(images)).tolist()
 
 @torch.no_grad()
 def save_attention_map(model, data, path, count=4):
     """Fig. 5: test images above the last layer's class-token attention on the patch grid, mean over heads."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure                                    # without pyplot: no backend, no window
     images = data["test"][0][:count]
-    _, attention = model.eval()(normalize(images, data), return_attention=True)
+    _, attention = forward(model.eval(), images, data, return_attention=True)
     maps = attention[-1][:, :, 0, 1:].float().mean(1).reshape(len(images), *model.grid)  # (count, n_h, n_w)
-    fig, axes = plt.subplots(2, len(images), figsize=(2 * len(images), 4.2), squeeze=False)
+    fig = Figure(figsize=(2 * len(images), 4.2))
+    axes = fig.subplots(2, len(images), squeeze=False, subplot_kw=dict(xticks=[], yticks=[], frame_on=False))
     for i in range(len(images)):
         axes[0, i].imshow(images[i].permute(1, 2, 0).cpu().numpy())
         axes[1, i].imshow(maps[i].cpu().numpy(), cmap="viridis")
-    plt.setp(axes, xticks=[], yticks=[], frame_on=False)
     axes[1, 0].set_title("class-token attention, last layer", fontsize=8, loc="left")
     fig.savefig(png := io.BytesIO(), format="png", dpi=100)
-    plt.close(fig)
     atomic_save(path, png.getvalue())
+
 
 def paper_evaluations(model, data, cfg, plain_seconds):
     """The paper's analyses of the model as trained, before any fine-tune: Table 4, Fig. 4, Table 3, Fig. 5."""
@@ -230,11 +236,11 @@ def paper_evaluations(model, data, cfg, plain_seconds):
     for key, mc_samples, align in alignments:  # accuracy and cost of each alignment (Table 4)
         start, model.mc_samples, model.align = time.perf_counter(), mc_samples, align
         results[f"test_acc_{key}"] = evaluate(model, data, cfg)[1]
-        seconds[key], model.mc_samples, model.align = time.perf_counter() - start, 0, "none"
-    results.update(eval_time_s=seconds, cls_attention_entropy=entropy_per_layer(model, data, cfg))
-    # the training split in eval mode (no dropout, no augmentation, its labels as trained on): train_acc_eval -
-    # test_acc is the generalisation gap; train_acc is measured during the epoch, under dropout and augmentation
-    results["train_acc_eval"] = evaluate(model, dict(data, test=data["train"]), cfg)[1]
+        seconds[key] = time.perf_counter() - start
+    model.mc_samples, model.align = 0, "none"
+    results.update(eval_time_s=seconds, cls_attention_entropy=evaluate(model, data, cfg, entropy=True)[2:])
+    # train_acc_eval - test_acc is the generalisation gap (train_acc is measured under dropout and augmentation)
+    results["train_acc_eval"] = evaluate(model, data, cfg, split="train")[1]
     if cfg.occlusion:  # accuracy with a fraction f of the patches removed before the blocks, 5 draws (Table 3)
         results["occlusion"] = {"0.0": evaluate(model, data, cfg)[1], **{str(f): sum(
             evaluate(model, data, cfg, drop_patches=f)[1] for _ in range(5)) / 5 for f in (0.1, 0.3, 0.5, 0.7, 0.9)}}
@@ -242,50 +248,49 @@ def paper_evaluations(model, data, cfg, plain_seconds):
         save_attention_map(model, data, os.path.join(cfg.out, "attention.png"))
     return results
 
+
 # ----------------------------------------------------------------------------- the run folder
 
-COLUMNS = [("epoch", 5, "d"), ("stage", 8, "s"), ("lr", 8, ".1e"), ("train_loss", 10, ".4f"),
-           ("train_acc", 9, ".4f"), ("test_loss", 9, ".4f"), ("test_acc", 8, ".4f"),
-           ("images_per_s", 12, ".0f"), ("time_s", 7, ".1f")]
-CHECKPOINT_KEYS = ("model", "optimizer", "config", "epoch", "step", "history", "results", "rng", "sha256")
+COLUMNS = [("epoch", 5, "d"), ("stage", 8, "s"), ("lr", 8, ".1e"), ("train_loss", 10, ".4f"), ("train_acc", 9, ".4f"),
+           ("test_loss", 9, ".4f"), ("test_acc", 8, ".4f"), ("images_per_s", 12, ".0f"), ("time_s", 7, ".1f")]
+CHECKPOINT_KEYS = ("model", "optimizer", "config", "epoch", "history", "results", "rng", "sha256")
 
-def train(cfg, checkpoint, progress):
-    """Train, then fine-tune, from scratch or from `checkpoint`. Each epoch's one commit is checkpoint.pt (weights,
-    optimizer, step, generator states, rows, evaluations); log.jsonl and metrics.json are derived from it after it
-    and again on every start, never ahead of it: a run killed anywhere resumes to an uninterrupted run's folder."""
-    device, data = torch.device(cfg.device), load_data(cfg, torch.device(cfg.device))
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data["classes"]).to(device)
+
+def train(cfg, model, checkpoint, progress):
+    """Train, then fine-tune, from scratch or from `checkpoint`. checkpoint.pt is each epoch's one commit; log.jsonl and
+    metrics.json follow from it, never ahead: a run killed anywhere resumes to the folder of an uninterrupted run."""
+    data = load_data(cfg, cfg.device)
+    model.to(cfg.device)
     trained = torch.compile(model, fullgraph=True) if cfg.compile else model  # evaluations stay eager
     compile_errors = torch._dynamo.exc.TorchDynamoException if cfg.compile else ()  # raised at the first step
-    optimizer, start, step, history, results = build_optimizer(model, cfg), 0, 0, [], {}
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and augmentation
+    optimizer, history, results = build_optimizer(model, cfg), [], {}
+    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)  # batch order and augmentation
     for name in [n for n in os.listdir(cfg.out) if n.endswith(".tmp")]:  # left by a run that died writing
         os.remove(os.path.join(cfg.out, name))
     if checkpoint is not None:  # everything that decides what happens next, the random states included
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])      # moves the moments to the parameters' device
-        start, step, history, results, rng = (checkpoint[k] for k in ("epoch", "step", "history", "results", "rng"))
+        history, results, rng = checkpoint["history"], checkpoint["results"], checkpoint["rng"]
         torch.set_rng_state(rng["cpu"])
-        if checkpoint["config"]["device"] == device.type:  # a generator's state is specific to its device type
+        if checkpoint["config"]["device"] == cfg.device:  # a generator's state is specific to its device type
             generator.set_state(rng["data"])
-            if device.type in ("cuda", "mps"):
-                getattr(torch, device.type).set_rng_state(rng[device.type])
+            if cfg.device != "cpu":
+                getattr(torch, cfg.device).set_rng_state(rng[cfg.device])
         else:
-            print(f"resuming a {checkpoint['config']['device']} run on {device.type}: weights, optimizer, step, "
+            print(f"resuming a {checkpoint['config']['device']} run on {cfg.device}: weights, optimizer, step, "
                   f"history and the CPU random state are restored; batch order, augmentation and masks are not")
-        write_results(cfg, history, results, model, device)
-    if start == (total := cfg.epochs + cfg.finetune_epochs):
+        write_results(cfg, history, results, model)
+    if len(history) == (total := cfg.epochs + cfg.finetune_epochs):
         return print(f"{cfg.out} has finished all {total} epochs; log.jsonl and metrics.json are complete")
-    print(f"{cfg.dataset}: {len(data['train'][0])} train / {len(data['test'][0])} test images on {device}; "
+    print(f"{cfg.dataset}: {len(data['train'][0])} train / {len(data['test'][0])} test images on {cfg.device}; "
           f"{cfg.mode}, layer drop ratios {[round(r, 3) for r in model.layer_ratios]}; run folder {cfg.out}")
     print(" ".join(f"{name:>{width}}" for name, width, _ in COLUMNS))
-    for epoch in range(start, total):
+    for epoch in range(len(history), total):
         stage = "train" if epoch < cfg.epochs else "finetune"
         for block in model.blocks:  # Align Expectation by fine-tuning without attention dropout (Sec. 3.2)
             block.attn.mode = cfg.mode if stage == "train" else "none"
         try:
-            stats, step = train_one_epoch(trained, optimizer, data, cfg, epoch, step, generator, progress)
+            stats = train_one_epoch(trained, optimizer, data, cfg, epoch, generator, progress)
         except compile_errors as e:
             raise DataError(f"--compile: torch.compile failed ({first_line(e)}); run without --compile") from None
         start_eval = time.perf_counter()
@@ -296,15 +301,16 @@ def train(cfg, checkpoint, progress):
         if epoch + 1 == cfg.epochs:
             results = paper_evaluations(model, data, cfg, plain_seconds=history[-1]["eval_s"])
         rng = {"cpu": torch.get_rng_state(), "data": generator.get_state(),  # uint8 tensors: weights_only loads them
-               **{d: getattr(torch, d).get_rng_state() for d in ("cuda", "mps") if d == device.type}}
+               **{d: getattr(torch, d).get_rng_state() for d in ("cuda", "mps") if d == cfg.device}}
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), config=vars(cfg),
-                     epoch=epoch + 1, step=step, history=history, results=results, rng=rng)
+                     epoch=epoch + 1, history=history, results=results, rng=rng)
         torch.save(dict(state, sha256=checksum(state)), buffer := io.BytesIO())  # a full disk fails in atomic_save
         atomic_save(os.path.join(cfg.out, "checkpoint.pt"), buffer.getvalue())  # the commit
-        metrics = write_results(cfg, history, results, model, device)
+        metrics = write_results(cfg, history, results, model)
     print(to_json({k: round(v, 4) for k, v in metrics.items() if k.startswith("test_acc")}))
 
-def write_results(cfg, history, results, model, device):
+
+def write_results(cfg, history, results, model):
     """log.jsonl, then metrics.json (last epoch of each stage, evaluations, speed, config), as of `history`."""
     atomic_save(os.path.join(cfg.out, "log.jsonl"), "".join(to_json(r) + "\n" for r in history))
     trained, seconds = [r for r in history if r["stage"] == "train"], sum(r["time_s"] for r in history)
@@ -314,13 +320,15 @@ def write_results(cfg, history, results, model, device):
                    train_time_s=seconds, images_per_s=sum(r["images"] for r in history) / seconds,
                    params=sum(p.numel() for p in model.parameters()), layer_ratios=model.layer_ratios,
                    config=vars(cfg), torch=torch.__version__,
-                   device=f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type)
+                   device=f"cuda ({torch.cuda.get_device_name()})" if cfg.device == "cuda" else cfg.device)
     atomic_save(os.path.join(cfg.out, "metrics.json"), to_json(metrics, indent=2))
     return metrics
+
 
 def to_json(value, **kwargs):
     """Strict JSON (no NaN or Infinity tokens, which strict parsers reject): a non-finite number becomes null."""
     return json.dumps(json.loads(json.dumps(value), parse_constant=lambda token: None), allow_nan=False, **kwargs)
+
 
 def atomic_save(path, data):
     """Write through path.tmp and os.replace: no reader or crash sees half a file; a failed write is one line."""
@@ -336,6 +344,7 @@ def atomic_save(path, data):
         raise DataError(f"could not write {path} ({e.strerror or e}); the run folder keeps its last complete epoch: "
                         f"free some space or make it writable, then continue with --resume") from None
 
+
 def checksum(state):
     """sha256 (hex) of a checkpoint: its JSON, each tensor as dtype and shape, then the tensors' bytes in order."""
     tensors = []
@@ -345,6 +354,7 @@ def checksum(state):
         digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
+
 def load_checkpoint(path):
     """A checkpoint of this script, loaded with weights_only=True (it cannot run code) and matching its sha256."""
     try:
@@ -352,37 +362,36 @@ def load_checkpoint(path):
     except FileNotFoundError:
         raise DataError(f"no checkpoint at {path}") from None
     except Exception as e:
-        raise DataError(f"refused to load {path}: weights_only loading accepts only tensors, numbers, strings, "
-                        f"lists and dicts ({first_line(e)})") from None
+        raise DataError(f"refused to load {path}: weights_only takes only plain data ({first_line(e)})") from None
     if missing := [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]:
         raise DataError(f"{path} is not a checkpoint of this train_cifar.py (no {', '.join(missing)}); start anew")
     if checksum({k: v for k, v in checkpoint.items() if k != "sha256"}) != checkpoint["sha256"]:
         raise DataError(f"{path} does not match its checksum (damaged on disk or in transfer); restore a copy")
     return checkpoint
 
+
 def first_line(error):
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
-@contextlib.contextmanager
-def locked(out):
-    """An flock on out/.lock: one writer per run folder. The OS drops it when its process ends, however it ends."""
-    with open(os.path.join(out, ".lock"), "a") as f:
-        try:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataError(f"{out} is in use by another train_cifar.py process; wait for it to end, or choose "
-                            f"another --out") from None
-        yield
+
+def lock(out, held):
+    """An flock on out/.lock while `held` is open: one writer per run folder; the OS drops it when its process ends."""
+    f = held.enter_context(open(os.path.join(out, ".lock"), "a"))
+    try:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise DataError(f"{out} is in use by another train_cifar.py process; wait for it to end, or choose "
+                        f"another --out") from None
+
 
 # ----------------------------------------------------------------------------- the CIFAR files
 
 DOWNLOAD_DEADLINE_S = 3600  # the whole tarball; each read also waits at most 60 s
 
+
 def ensure_cifar(spec, data_dir):
-    """The CIFAR folder; if missing, download the tarball (unless present), check its md5 (another md5: *.bad,
-    never trusted again), extract it into a temporary folder through tarfile's "data" filter (no absolute paths,
-    links out, devices), then rename the folder into place."""
+    """The CIFAR folder; if missing: the tarball, downloaded unless present, its md5 checked, extracted beside it."""
     folder, tarball = os.path.join(data_dir, spec["folder"]), os.path.join(data_dir, os.path.basename(spec["url"]))
     if os.path.isdir(folder):
         return folder
@@ -391,24 +400,22 @@ def ensure_cifar(spec, data_dir):
         download(spec["url"], tarball)
     with open(tarball, "rb") as f:
         md5 = hashlib.file_digest(f, "md5").hexdigest()
-    if md5 != spec["md5"]:
+    if md5 != spec["md5"]:  # truncated or not the official file: never trusted again
         os.replace(tarball, tarball + ".bad")
-        raise DataError(f"{tarball} has md5 {md5}, expected {spec['md5']} (truncated or not the official file); "
-                        f"moved it to {tarball}.bad. Run again, or place the official tarball there")
+        raise DataError(f"{tarball} has md5 {md5}, expected {spec['md5']}; moved it to {tarball}.bad, run again")
+    # into a temporary folder, renamed into place; tarfile's "data" filter refuses absolute paths, links out, devices
     with tempfile.TemporaryDirectory(prefix=".extract-", dir=data_dir) as tmp:
         try:
             with tarfile.open(tarball) as tar:
                 tar.extractall(tmp, filter="data")
+            os.replace(os.path.join(tmp, spec["folder"]), folder)           # fails if the tarball lacks the folder
         except (tarfile.TarError, OSError, EOFError) as e:
             raise DataError(f"could not extract {tarball} ({e}); delete it and run again") from None
-        if not os.path.isdir(os.path.join(tmp, spec["folder"])):
-            raise DataError(f"{tarball} has no {spec['folder']}/ inside; delete it and run again")
-        os.replace(os.path.join(tmp, spec["folder"]), folder)
     return folder
 
+
 def download(url, path):
-    """Stream `url` into path.part, continued with an HTTP Range request where the server allows it, then rename
-    it: an interrupted download never looks complete; a trickle is cut off after DOWNLOAD_DEADLINE_S in all."""
+    """Stream `url` into path.part (continued by an HTTP Range request where allowed), then rename it into place."""
     part, deadline = path + ".part", time.monotonic() + DOWNLOAD_DEADLINE_S
     done = os.path.getsize(part) if os.path.exists(part) else 0
     print(f"downloading {url} -> {path}" + (f", continuing after {done} bytes" if done else ""), file=sys.stderr)
@@ -426,14 +433,13 @@ def download(url, path):
             if size and bar.n < size:
                 raise ConnectionError(f"cut off after {bar.n} of {size} bytes")
     except (OSError, ValueError, http.client.HTTPException) as e:  # offline, refused, timed out, cut off, disk full
-        where = f"{os.path.basename(path)} into {os.path.dirname(path) or '.'}"
-        raise DataError(f"could not download {url} ({e}); run again to continue it, or offline put {where} "
+        raise DataError(f"could not download {url} ({e}); run again to continue it, or put the file at {path} "
                         f"yourself, or try --dataset synthetic") from None
     os.replace(part, path)
 
+
 class CifarUnpickler(pickle.Unpickler):
-    """Builds only what the official CIFAR files hold (Python 2 pickles of a dict of bytes, ints, lists and a uint8
-    array): a plain pickle.load calls whatever global a file names (os.system, open), so any other is refused."""
+    """Builds only what the official CIFAR files name; a plain pickle.load calls any global a file names (os.system)."""
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _reconstruct, ("numpy", "ndarray"): np.ndarray,
                ("numpy._core.multiarray", "_reconstruct"): _reconstruct, ("numpy", "dtype"): np.dtype}
 
@@ -442,36 +448,36 @@ class CifarUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refused {module}.{name}: CIFAR files never name it; it could run code")
         return self.ALLOWED[(module, name)]
 
+
 def read_batch(path, spec):
     """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from one official CIFAR batch file."""
-    folder = os.path.dirname(path)
     try:
         with open(path, "rb") as f:
             batch = CifarUnpickler(f, encoding="bytes").load()   # Python 2 str -> bytes
         data, labels = batch[b"data"], np.asarray(batch[spec["label_key"]], dtype=np.int64)
-    except FileNotFoundError:
-        raise DataError(f"missing {path}; delete {folder} and run again to extract it anew") from None
-    except Exception as e:  # truncated, foreign or hostile: all mean "not an official batch file"
-        raise DataError(f"{path} is not a valid CIFAR batch file ({type(e).__name__}: {e}); delete {folder}") from None
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] == (3072,)
-            and labels.shape == (len(data),) and np.all((0 <= labels) & (labels < spec["classes"]))):
-        raise DataError(f"{path}: expected b'data', uint8 N x 3072, N labels below {spec['classes']}; delete {folder}")
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] == (3072,) and len(data)
+                and labels.shape == (len(data),) and np.all((0 <= labels) & (labels < spec["classes"]))):
+            raise ValueError(f"expected b'data', uint8 N x 3072, N > 0, and N labels below {spec['classes']}")
+    except Exception as e:  # missing, truncated, foreign or hostile: all mean "not an official batch file"
+        raise DataError(f"{path} is not a valid CIFAR batch file ({type(e).__name__}: {e}); "
+                        f"delete {os.path.dirname(path)} and run again") from None
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)  # rows: R, G, B
+
 
 # ----------------------------------------------------------------------------- --summarize
 
-T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
 def t_975(df):
     """The 0.975 quantile of Student's t: a table up to df = 30, then a Cornish-Fisher expansion (error < 1e-4)."""
+    table = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+             2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
+             2.042)
     z = 1.959964
-    return T_975[df - 1] if df <= 30 else z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+    return table[df - 1] if df <= 30 else z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
 
 def summarize(folders, baseline=None):
-    """A Markdown table of finished runs grouped by configuration (all but seed and out), mean ± sd per metric;
-    with `baseline` ("key=value,..." naming one group), each other group minus it, paired by seed: mean
-    difference, 95% paired-t interval (mean ± t_975(n-1) sd / sqrt(n)), seeds agreeing with the mean's sign."""
+    """A Markdown table of finished runs grouped by configuration (all but seed and out), mean ± sd per metric; with
+    `baseline` ("key=value,..."), each other group minus it, paired by seed: mean, 95% paired-t interval, sign votes."""
     groups, left_out, scalar = {}, [], lambda v: type(v) in (int, float)
     for folder in folders:
         try:
@@ -528,6 +534,7 @@ def summarize(folders, baseline=None):
               "interval], seeds whose difference has the sign of the mean (a zero counts against)."]
     return "\n".join(lines + table([names[i] for i in others], paired))
 
+
 # ----------------------------------------------------------------------------- command line
 
 def number(kind, low, high=None, low_open=False):
@@ -540,6 +547,7 @@ def number(kind, low, high=None, low_open=False):
     parse.__name__ = kind.__name__
     return parse
 
+
 def build_parser():
     p = argparse.ArgumentParser(prog="train_cifar.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -548,8 +556,7 @@ def build_parser():
     add("--dataset", default="cifar10", choices=("cifar10", "cifar100", "synthetic"), help="synthetic: offline")
     add("--data-dir", default="data", help="holds the CIFAR tarball and folder; downloaded if missing")
     add("--limit-train", type=count, default=None, help="use the first N training images (all if unset)")
-    add("--label-noise", type=number(float, 0.0, 1.0), default=0.0,
-        help="move this fraction of the training labels to another class (test labels stay clean)")
+    add("--label-noise", type=number(float, 0.0, 1.0), default=0.0, help="move this fraction of training labels")
     add("--limit-test", type=count, default=None, help="use the first N test images (all if unset)")
     add("--mode", default="dropkey", choices=dropkey.MODES, help="attention dropout (README, Modes)")
     add("--drop-ratio", type=number(float, 0.0, 1.0), default=0.3, help="d; the paper's CIFAR setting")
@@ -569,8 +576,7 @@ def build_parser():
     add("--seed", type=int, default=0, help="init, batch order, augmentation, masks, synthetic data")
     add("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, mps, else cpu")
     add("--compile", action="store_true", help="train through torch.compile(model, fullgraph=True); eval stays eager")
-    add("--finetune-epochs", type=number(int, 0), default=0,
-        help="then fine-tune without attention dropout (Align Expectation, Table 4)")
+    add("--finetune-epochs", type=number(int, 0), default=0, help="then without attention dropout (Table 4)")
     add("--finetune-lr", type=positive, default=1e-5, help="constant lr of the fine-tune (Sec. 4.1)")
     add("--mc-samples", type=number(int, 0), default=0, help="T > 0: also test with Monte-Carlo alignment (Table 4)")
     add("--align", default="none", choices=("none", "exact"), help="exact: also test with exact expected weights")
@@ -580,39 +586,37 @@ def build_parser():
     add("--resume", default=None, metavar="DIR", help="continue the run in DIR with its saved configuration")
     add("--progress", default="auto", choices=("auto", "on", "off"), help="progress bar; auto: on a terminal")
     add("--dry-run", action="store_true", help="check the configuration, build the model, exit")
-    add("--summarize", nargs="+", metavar="DIR", help="print a Markdown table of these finished runs, grouped "
-        "by configuration (everything but seed and out), mean ± sd of every scalar metric; trains nothing")
-    add("--baseline", metavar="KEY=VALUE[,...]", help="with --summarize: the configuration to subtract, e.g. "
-        "mode=none or mode=dropkey,schedule=constant; pairs the runs of each other configuration with it by seed")
+    add("--summarize", nargs="+", metavar="DIR", help="mean ± sd of these finished runs by configuration; no training")
+    add("--baseline", metavar="KEY=VALUE[,...]", help="with --summarize: subtract this configuration, paired by seed")
     return p
 
-RUNTIME_FLAGS = ("out", "resume", "progress", "dry_run", "summarize", "baseline")  # not part of a run's configuration
 
 def resolve_device(name):
     """'auto' as the device it picks (cuda, else mps, else cpu), so that a run's config says where it ran."""
     auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     return auto if name == "auto" else name
 
+
 def resolve_config(args, parser, argv=None):
     """The run's configuration (a new Namespace) and the checkpoint to resume from. A resumed run keeps its saved
     configuration: a flag given that differs from it is refused, even one equal to its default, but --device."""
+    runtime = ("resume", "progress", "dry_run", "summarize", "baseline")  # not part of a run's configuration
     if args.resume is None:
-        config = {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}
+        config = {k: v for k, v in vars(args).items() if k not in runtime}
         out = args.out or os.path.join("runs", f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
-        return argparse.Namespace(**{**config, "device": resolve_device(args.device)}, out=out), None
-    explicit = build_parser()
-    for action in explicit._actions:  # a parser without defaults: it returns only the flags given
-        action.default = argparse.SUPPRESS
-    given = vars(explicit.parse_args(argv))
-    if "out" in given and os.path.realpath(given["out"]) != os.path.realpath(args.resume):
-        parser.error(f"--resume continues in its own folder {args.resume}; drop --out (or copy the folder)")
+        return argparse.Namespace(**{**config, "device": resolve_device(args.device), "out": out}), None
+    unset = object()  # argparse sets no default for a name the namespace already holds: only given flags change
+    parsed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    given = {k: v for k, v in vars(parsed).items() if v is not unset}
     checkpoint = load_checkpoint(os.path.join(args.resume, "checkpoint.pt"))
-    saved = {"label_noise": 0.0, "compile": False, **checkpoint["config"]}  # runs saved before these flags
-    for key in [k for k in given if k not in RUNTIME_FLAGS + ("device",) and given[k] != saved.get(k)]:
+    # a run continues in its own folder (to branch it, copy the folder); label_noise, compile: runs saved before them
+    saved = {"label_noise": 0.0, "compile": False, **checkpoint["config"], "out": args.resume}
+    for key in [k for k in given if k not in runtime + ("device",) and given[k] != saved.get(k)]:
         parser.error(f"--resume continues with the saved configuration; drop --{key.replace('_', '-')} "
                      f"(saved: {saved.get(key)})")
     device = resolve_device(args.device) if "device" in given else saved["device"]
-    return argparse.Namespace(**{**saved, "out": args.resume, "device": device}), checkpoint
+    return argparse.Namespace(**{**saved, "device": device}), checkpoint
+
 
 def check_config(cfg, parser):
     """Each configuration mistake as one error line, before any data is read; returns the model it built."""
@@ -634,17 +638,16 @@ def check_config(cfg, parser):
         if not os.path.isdir(existing):
             parser.error(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}")
         if not os.access(existing, os.W_OK | os.X_OK):
-            parser.error(f"{flag} {path}: cannot write in {existing} (read-only or no permission); choose another "
-                         f"{flag}")
+            parser.error(f"{flag} {path}: cannot write in {existing} (read-only, no permission); choose another {flag}")
     try:
-        model = build_model(cfg, 100 if cfg.dataset == "cifar100" else 10).eval()
-        if cfg.align == "exact":  # one forward pass finds what the model refuses, e.g. a structured mode
-            model.align = "exact"
-            model(torch.zeros(1, 3, 32, 32))
-            model.align = "none"
+        model = build_model(cfg).eval()
+        model.align = cfg.align  # one forward pass finds what the model refuses, e.g. exact alignment of a block mode
+        model(torch.zeros(1, 3, 32, 32))
+        model.align = "none"
     except ValueError as e:
         parser.error(str(e))
     return model
+
 
 def main(argv=None):
     parser = build_parser()
@@ -661,20 +664,20 @@ def main(argv=None):
             if args.resume is not None and not args.dry_run:  # locked before its checkpoint is read
                 if not os.path.isdir(args.resume):
                     raise DataError(f"no run folder at {args.resume}")
-                held.enter_context(locked(args.resume))
+                lock(args.resume, held)
             cfg, checkpoint = resolve_config(args, parser, argv)
             model = check_config(cfg, parser)
             if checkpoint is None and not args.dry_run:  # creates and locks the folder before any data is read
                 os.makedirs(cfg.out, exist_ok=True)
-                held.enter_context(locked(cfg.out))
+                lock(cfg.out, held)
             if checkpoint is None and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
-                parser.error(f"{cfg.out} already holds a run; continue it with --resume {cfg.out}, or choose "
-                             f"another --out")
+                parser.error(f"{cfg.out} holds a run already; continue it with --resume, or choose another --out")
             if args.dry_run:
-                return print(f"dry run: configuration is valid; {sum(p.numel() for p in model.parameters())} "
-                             f"parameters, layer drop ratios {[round(r, 3) for r in model.layer_ratios]}, run "
-                             f"folder {cfg.out}")
-            train(cfg, checkpoint, progress=args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
+                params = sum(p.numel() for p in model.parameters())
+                return print(f"dry run: configuration is valid; {params} parameters, "
+                             f"layer drop ratios {[round(r, 3) for r in model.layer_ratios]}, run folder {cfg.out}")
+            progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+            train(cfg, model, checkpoint, progress)
     except DataError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # any other file-system fault, still one line
