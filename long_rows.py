@@ -42,6 +42,7 @@ import dropkey
 GOLDEN = 0x9E3779B97F4A7C15 - 2**64                                   # as a signed int64
 _MIX = ((30, 0xBF58476D1CE4E5B9 - 2**64), (27, 0x94D049BB133111EB - 2**64), (31, None))
 TILE_ELEMENTS = 2**21   # mask elements of one CPU tile (8 MiB as float32); measured in the sweep
+WORD_CHUNK = 2**16      # 64-bit words mixed at a time (512 KiB, two reused buffers that stay in cache)
 
 
 def mix64(x, scratch=None):
@@ -173,14 +174,40 @@ class _Tiles:
         L, bq, Nk = self.L, i1 - i0, self.Nk
         out = self.buffer[:L * bq * Nk].view(L, bq, Nk)
         ints, minus_inf = _minus_inf_bits(self.dtype)
-        if self.keep is not None:                                      # the caller's mask, copied
-            drops = ~self._slice(self.keep, i0, i1)
-        elif self.row_keys is not None:                                # Eq. 12 from the counter
-            drops = counter_drops(self.row_keys[:, i0:i1].reshape(-1), Nk, drop_level(self.d))
-        else:                                                          # dropkey_block / dropkey_cross
-            rows = (torch.arange(L)[:, None] * self.Nq + torch.arange(i0, i1)).view(-1)
-            drops = _structured_drops(self.seed, rows, self.mode, self.d, **self.structured)
-        torch.mul(drops.view(L, bq, Nk), minus_inf, out=out.view(ints))  # kept: +0.0, dropped: -inf bits
+        if self.row_keys is not None:                                  # Eq. 12 from the counter
+            self._counter_tile(self.row_keys[:, i0:i1].reshape(-1), out.view(L * bq, Nk))
+        else:                                                          # the caller's mask (copied), or structured
+            drops = ~self._slice(self.keep, i0, i1) if self.keep is not None else _structured_drops(
+                self.seed, (torch.arange(L)[:, None] * self.Nq + torch.arange(i0, i1)).view(-1), self.mode,
+                self.d, **self.structured)
+            torch.mul(drops.view(L, bq, Nk), minus_inf, out=out.view(ints))  # kept: +0.0, dropped: -inf bits
+        return self._other_masks(out, i0, i1)[None]
+
+    def _counter_tile(self, keys, out):
+        """`counter_drops` of the rows with keys `keys` (R,) as -inf / +0.0 bits into `out` (R, Nk), in place.
+
+        WORD_CHUNK words at a time in buffers reused across tiles: a fresh
+        tensor per op would be page-faulted in every time and cost more than
+        the arithmetic.
+        """
+        R, Nk = out.shape
+        W = (Nk + 3) // 4
+        chunk = max(1, WORD_CHUNK // W)                                # rows per chunk
+        if getattr(self, "words", None) is None:
+            self.offsets = torch.arange(1, W + 1) * GOLDEN             # (W,)
+            self.words, self.scratch = torch.empty(2, min(chunk, R), W, dtype=torch.int64)
+            self.drops = torch.empty(min(chunk, R), Nk, dtype=torch.bool)
+        ints, minus_inf = _minus_inf_bits(self.dtype)
+        level = drop_level(self.d) - 32768
+        for a in range(0, R, chunk):
+            b = min(a + chunk, R)
+            words = mix64(torch.add(keys[a:b, None], self.offsets, out=self.words[:b - a]), self.scratch[:b - a])
+            drops = torch.lt(words.view(torch.int16)[:, :Nk], level, out=self.drops[:b - a])  # (b - a, Nk)
+            torch.mul(drops, minus_inf, out=out[a:b].view(ints))       # kept: +0.0, dropped: -inf bits
+
+    def _other_masks(self, out, i0, i1):
+        """The fall-back rows, the float bias, padding and the causal triangle on tile `out` (L, bq, Nk)."""
+        Nk = self.Nk
         if self.fallback is not None:
             out.masked_fill_(self.fallback[:, i0:i1, None], 0.0)
         if self.bias is not None:
@@ -189,7 +216,7 @@ class _Tiles:
             out.masked_fill_(~self._slice(self.allowed, i0, i1), float("-inf"))
         if self.causal:
             out.masked_fill_(torch.arange(i0, i1)[:, None] < torch.arange(Nk), float("-inf"))
-        return out[None]
+        return out
 
 
 class _TiledAttention(torch.autograd.Function):
@@ -380,3 +407,105 @@ def attention(query, key, value, attn_mask, d, is_causal, scale, *, mode, keep_m
         seed = draw_seed(generator, query.device)
         return _flex_attention(query, key, value, seed, d, attn_mask, is_causal, scale)
     return None
+
+
+# ----------------------------------------------------------------------------- the op sweep
+# `python long_rows.py` times DropKey (forward + backward) against plain SDPA and the paper's Algorithm 1.
+
+def algorithm1(q, k, v, drop_ratio):
+    """The paper's Algorithm 1, as published: a float Bernoulli mask times -1e12 (a reference to time)."""
+    attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5            # (B, H, N, N)
+    m_r = torch.ones_like(attn) * drop_ratio
+    attn = attn + torch.bernoulli(m_r) * -1e12
+    return attn.softmax(dim=-1) @ v                                    # (B, H, N, D)
+
+
+def peak_bytes(fn, device="cpu"):
+    """Peak memory that fn() adds, in bytes: on CUDA torch's allocator; on CPU the process's resident set.
+
+    CPU (Linux): freed heap memory handed back (malloc_trim), the high-water
+    mark of the resident set reset (/proc/self/clear_refs), then VmHWM after
+    fn() minus VmRSS before it: every byte touched, kernel scratch included.
+    None where /proc is not there.
+    """
+    import ctypes
+    import re
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+
+    def status(field):
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) * 1024
+    try:
+        getattr(ctypes.CDLL(None), "malloc_trim", lambda pad: 0)(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status("VmRSS")
+    except (OSError, AttributeError):
+        return None
+    fn()
+    return status("VmHWM") - before
+
+
+def _sweep(cases, title, grad, runs, device, memory):
+    """Forward + backward of every case, timed round-robin (vit.time_rounds); ratios against the first case."""
+    from vit import median, paired_ratio, time_rounds
+    steps = {name: (lambda fn=fn: fn().backward(grad)) for name, fn in cases.items()}
+    times = time_rounds(steps, runs, device)
+    base = next(iter(times.values()))
+    print(f"\n{title}, {runs} rounds")
+    print(f"{'case':<28}{'median ms':>10}{'x first':>8}{'peak MB':>9}")
+    for name, ts in times.items():
+        peak = peak_bytes(steps[name], device) if memory else None
+        print(f"{name:<28}{median(ts):10.2f}{paired_ratio(ts, base):8.2f}{'n/a' if peak is None else f'{peak / 2**20:.1f}':>9}")
+    return times
+
+
+def _main(argv=None):
+    import argparse
+    from vit import paired_ratio
+    parser = argparse.ArgumentParser(
+        description="Time DropKey (fwd+bwd) against SDPA and the paper's Algorithm 1, with peak memory "
+                    "(CPU: growth of the resident set, see peak_bytes; CUDA: torch's allocator).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--shapes", default="32,4,257,32;8,4,1025,32;1,4,4097,32", help="B,H,N,D;...")
+    parser.add_argument("--runs", type=int, default=10, help="rounds, each timing every case once")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure the peak-memory column (one more untimed call per case)")
+    parser.add_argument("--flex", action="store_true", help="CUDA, bfloat16: DropKey in FlexAttention "
+                        "against the flash kernel without and with SDPA's dropout_p")
+    args = parser.parse_args(argv)
+    if args.flex and not torch.cuda.is_available():
+        parser.error("--flex needs a CUDA GPU")
+    try:
+        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";") if s]
+        assert shapes and all(len(s) == 4 and min(s) > 0 for s in shapes) and args.runs > 0
+    except (ValueError, AssertionError):
+        parser.error("--shapes takes B,H,N,D;... of positive integers and --runs a positive integer")
+    device = torch.device("cuda" if args.flex else "cpu")
+    dtype = torch.bfloat16 if args.flex else torch.float32
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d = 0.3, "
+          f"dropkey.LONG_ROWS = {dropkey.LONG_ROWS:,} (Nq * Nk from which this file runs)")
+    for B, H, N, D in shapes:
+        q, k, v = (torch.randn(B, H, N, D, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
+        cases = {"SDPA, no dropout": lambda: F.scaled_dot_product_attention(q, k, v),
+                 "dropkey": lambda: dropkey.attention(q, k, v, drop_ratio=0.3)}
+        if args.flex:
+            cases["SDPA, dropout_p=0.3"] = lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+        else:
+            cases["paper Algorithm 1"] = lambda: algorithm1(q, k, v, 0.3)
+        path = "this file" if N * N >= dropkey.LONG_ROWS else "dropkey.py, whole mask"
+        times = _sweep(cases, f"fwd+bwd, (B, H, N, D) = ({B}, {H}, {N}, {D}), {str(dtype)[6:]} on {device}, "
+                       f"dropkey by {path}", torch.randn_like(q), args.runs, device, args.memory)
+        if not args.flex:
+            print(f"dropkey is {paired_ratio(times['paper Algorithm 1'], times['dropkey']):.2f}x faster than "
+                  f"Algorithm 1 (median of per-round ratios)")
+
+
+if __name__ == "__main__":
+    _main()
