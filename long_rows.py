@@ -234,7 +234,7 @@ class _TiledAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, tiles, scale):
-        out, lse = torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+        out, lse = torch.empty_like(q), None
         fallback = torch.zeros(tiles.L, tiles.Nq, dtype=torch.bool)
         for i0, i1 in tiles.query_tiles():
             mask = tiles.tile(i0, i1)                                  # (1, L, bq, Nk)
@@ -247,6 +247,7 @@ class _TiledAttention(torch.autograd.Function):
                     fallback[:, i0:i1] = empty
                     tiles.fallback = fallback
                     o, l = _FLASH_CPU(q[:, :, i0:i1], k, v, 0.0, False, attn_mask=tiles.tile(i0, i1), scale=scale)
+            lse = l.new_empty(q.shape[:-1]) if lse is None else lse      # (1, L, Nq), float32 for bfloat16
             out[:, :, i0:i1], lse[:, :, i0:i1] = o, l
         tiles.fallback = fallback if fallback.any() else None
         ctx.save_for_backward(q, k, v, out, lse)
@@ -350,7 +351,7 @@ def _flex_attention(query, key, value, seed, d, attn_mask, is_causal, scale):
     def run(fallback):
         mask_mod = _flex_mask_mod(seed, lead, Nq, d, allowed, is_causal, fallback)
         block_mask = BlockMask.from_kv_blocks(
-            tiles.sum(-1, dtype=torch.int32), tiles.int().argsort(-1, descending=True, stable=True).int(),
+            tiles.sum(-1, dtype=torch.int32), tiles.int().argsort(dim=-1, descending=True, stable=True).int(),
             BLOCK_SIZE=FLEX_TILE, mask_mod=mask_mod, seq_lengths=(Nq, Nk))  # reached tiles first
         return _flex_kernel(query.device)(query, key, value, block_mask=block_mask, scale=scale, return_lse=True)
 
