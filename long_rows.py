@@ -18,8 +18,12 @@ The random stream is chosen here, in `draw_seed`: one draw of the caller's
 generator (or torch's default) seeds the counter generator (SplitMix64), whose
 bits differ from the ones `dropkey.bernoulli_mask` takes from torch's generator.
 So for long rows dropkey.FLASH on and off give different masks (of the same
-distribution) unless a `keep_mask` is shared; under one keep_mask every path
-gives the same numbers.
+distribution, to 2^-16) unless a `keep_mask` is shared; under one keep_mask
+every path gives the same numbers.
+
+Eager only: torch.compile of the tile writer made the mask pass 2-3x faster, but
+raised a fresh process's peak memory by ~130 MB over SDPA's at (1, 4, 4097, 32)
+(eager: ~30 MB), more than the 16-bit mask it avoids.
 """
 import math
 
@@ -92,6 +96,8 @@ def row_keys(seed, stream, rows):
 
 def counter_drops(keys, n, level):
     """Dropped keys (R, n), bool, of the rows with row keys `keys` (R,): u(r, c) < level (eager, any size)."""
+    if level >= 65536:                                                 # 32768 would wrap around as an int16
+        return torch.ones(len(keys), n, dtype=torch.bool, device=keys.device)
     words = mix64(keys[:, None] + torch.arange(1, (n + 3) // 4 + 1, device=keys.device) * GOLDEN)  # (R, W)
     return words.view(torch.int16)[:, :n] < level - 32768             # little-endian: piece c % 4
 
@@ -160,14 +166,15 @@ class _Tiles:
     def __init__(self, lead, Nq, Nk, dtype, mode, d, seed, keep, attn_mask, causal, structured):
         self.lead, self.L, self.Nq, self.Nk, self.dtype = lead, math.prod(lead), Nq, Nk, dtype
         self.mode, self.d, self.seed, self.keep, self.structured = mode, d, seed, keep, structured
-        boolean = attn_mask is not None and attn_mask.dtype == torch.bool
-        self.allowed = attn_mask if boolean else (None if attn_mask is None else attn_mask > dropkey.NOT_ALLOWED_AT)
-        self.bias = None if attn_mask is None or boolean else attn_mask
-        self.causal, self.fallback = causal, None
+        self.attn_mask, self.causal, self.fallback = attn_mask, causal, None
         self.rows = max(1, min(Nq, TILE_ELEMENTS // (self.L * Nk)))   # query rows per tile
         rows = torch.arange(self.L)[:, None] * Nq + torch.arange(Nq)  # (L, Nq) flat row indices
         self.row_keys = row_keys(seed, 1, rows) if seed is not None and mode == "dropkey" else None
-        self.buffer = torch.empty(self.L * self.rows * Nk, dtype=dtype)  # reused: no page faults per tile
+        self.free()
+
+    def free(self):
+        """Drop the buffers between forward and backward (each pass makes them once, reuses them per tile)."""
+        self.buffer = self.words = self.scratch = None
 
     def query_tiles(self):
         return [(i0, min(i0 + self.rows, self.Nq)) for i0 in range(0, self.Nq, self.rows)]
@@ -178,6 +185,8 @@ class _Tiles:
     def tile(self, i0, i1):
         """The float mask (1, L, i1 - i0, Nk) of query rows i0:i1, in the reused buffer."""
         L, bq, Nk = self.L, i1 - i0, self.Nk
+        if self.buffer is None:                                        # reused: no page faults per tile
+            self.buffer = torch.empty(L * self.rows * Nk, dtype=self.dtype)
         out = self.buffer[:L * bq * Nk].view(L, bq, Nk)
         ints, minus_inf, _ = _minus_inf_bits(self.dtype)
         if self.row_keys is not None:                                  # Eq. 12 from the counter
@@ -199,7 +208,7 @@ class _Tiles:
         R, Nk = out.shape
         W = (Nk + 3) // 4
         chunk = max(1, WORD_CHUNK // W)                                # rows per chunk
-        if getattr(self, "words", None) is None:
+        if self.words is None:
             self.offsets = torch.arange(1, W + 1) * GOLDEN             # (W,)
             self.words, self.scratch = torch.empty(2, min(chunk, R), W, dtype=torch.int64)
         ints, _, factor = _minus_inf_bits(self.dtype)
@@ -215,10 +224,12 @@ class _Tiles:
         Nk = self.Nk
         if self.fallback is not None:
             out.masked_fill_(self.fallback[:, i0:i1, None], 0.0)
-        if self.bias is not None:
-            out += self._slice(self.bias, i0, i1)
-        if self.allowed is not None:
-            out.masked_fill_(~self._slice(self.allowed, i0, i1), float("-inf"))
+        if self.attn_mask is not None and self.attn_mask.dtype == torch.bool:
+            out.masked_fill_(~self._slice(self.attn_mask, i0, i1), float("-inf"))   # True = allowed
+        elif self.attn_mask is not None:
+            bias = self._slice(self.attn_mask, i0, i1)
+            out += bias
+            out.masked_fill_(bias <= dropkey.NOT_ALLOWED_AT, float("-inf"))  # padding: never attended
         if self.causal:
             out.masked_fill_(torch.arange(i0, i1)[:, None] < torch.arange(Nk), float("-inf"))
         return out
@@ -255,6 +266,7 @@ class _TiledAttention(torch.autograd.Function):
             lse = l.new_empty(q.shape[:-1]) if lse is None else lse      # (1, L, Nq), float32 for bfloat16
             out[:, :, i0:i1], lse[:, :, i0:i1] = o, l
         tiles.fallback = fallback if fallback.any() else None
+        tiles.free()
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.tiles, ctx.scale = tiles, scale
         return out
@@ -273,6 +285,7 @@ class _TiledAttention(torch.autograd.Function):
             dq[:, :, rows] = dq_i
             dk += dk_i
             dv += dv_i
+        tiles.free()
         return dq, dk, dv, None, None
 
 

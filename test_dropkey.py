@@ -2136,6 +2136,8 @@ def test_long_rows_counter_mask_is_the_documented_function_of_seed_row_and_key()
             piece = (_splitmix64(row, c // 4 + 1) >> (16 * (c % 4))) & 0xFFFF
             u = piece - 65536 * (piece >= 32768) + 32768               # as int16, offset to 0 .. 65535
             assert keep.view(-1, 9)[r, c].item() == (u >= round(d * 65536))
+    keys = long_rows.row_keys(seed, 3, torch.arange(4))
+    assert long_rows.counter_drops(keys, 9, 65536).all() and not long_rows.counter_drops(keys, 9, 0).any()
 
 
 @needs_long_rows
