@@ -46,7 +46,7 @@ import dropkey
 GOLDEN = 0x9E3779B97F4A7C15 - 2**64                                   # as a signed int64
 _MIX = ((30, 0xBF58476D1CE4E5B9 - 2**64), (27, 0x94D049BB133111EB - 2**64), (31, None))
 TILE_ELEMENTS = 2**22   # mask elements of one CPU tile (16 MiB as float32)
-WORD_CHUNK = 2**20      # 64-bit words mixed at a time (8 MiB, two buffers reused by every tile)
+WORD_CHUNK = 2**16      # 64-bit words mixed at a time (512 KiB, two reused buffers that stay in cache)
 
 
 def mix64(x, scratch=None):
