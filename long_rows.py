@@ -379,7 +379,8 @@ def _flex_attention(query, key, value, seed, d, attn_mask, is_causal, scale):
 
 
 def _flex_fits(q, k, v, attn_mask, mode, keep_mask):
-    """CUDA, dropkey sampled here, (B, H, N, E) of one leading shape, E and Ev >= 16 (flex's least), a bool mask or none."""
+    """Whether FlexAttention runs: CUDA, dropkey sampled here, (B, H, N, E) of one leading shape,
+    E and Ev >= 16 (flex's least), a bool mask or none."""
     if not (q.device.type == "cuda" and mode == "dropkey" and keep_mask is None and q.dim() == 4
             and q.shape[:2] == k.shape[:2] == v.shape[:2] and min(q.shape[-1], v.shape[-1]) >= 16
             and (attn_mask is None or attn_mask.dtype == torch.bool)):
@@ -481,7 +482,8 @@ def _sweep(cases, title, grad, runs, device, memory):
     print(f"{'case':<28}{'median ms':>10}{'x first':>8}{'peak MB':>9}")
     for name, ts in times.items():
         peak = peak_bytes(steps[name], device) if memory else None
-        print(f"{name:<28}{median(ts):10.2f}{paired_ratio(ts, base):8.2f}{'n/a' if peak is None else f'{peak / 2**20:.1f}':>9}")
+        mb = "n/a" if peak is None else f"{peak / 2**20:.1f}"
+        print(f"{name:<28}{median(ts):10.2f}{paired_ratio(ts, base):8.2f}{mb:>9}")
     return times
 
 
