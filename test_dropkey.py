@@ -1042,44 +1042,7 @@ def test_vit_compiles_whole_and_matches_eager_under_one_keep_mask(mode, monkeypa
 
 
 # ============================================================================ the fast path (dropkey.FLASH)
-# Its contract: the numbers of the explicit path under one keep mask. The device-generic branches
-# (torch's RNG, public SDPA with a boolean mask, autocast) are forced here on the CPU; with
-# DROPKEY_TEST_DEVICE=cuda they run on the GPU.
-
-@contextlib.contextmanager
-def _device_generic(monkeypatch):
-    """The branches a GPU takes, on any device: torch's RNG and public SDPA (no private CPU kernel)."""
-    monkeypatch.setattr(dropkey, "_fast_sampler", lambda device: False)
-    monkeypatch.setattr(dropkey, "_CPU_FLASH", None)
-    yield
-    monkeypatch.undo()
-
-
-@pytest.mark.parametrize("mode", ["dropkey", "dropattention", "dropkey_block", "vanilla"])
-@pytest.mark.parametrize("masks", ["none", "padding", "causal"])
-def test_fast_path_device_generic_branch_equals_the_explicit_path(mode, masks, monkeypatch):
-    q, k, v = _qkv(B=3, N=17, seed=60, grad=True, device=DEVICE)
-    kw = dict(none={}, padding=dict(attn_mask=_padding([3, 9, 17], 17).to(DEVICE)),
-              causal=dict(is_causal=True))[masks]
-    keep = dropkey.sample_keep_mask((3, 3, 17, 17), mode, 0.5, device=DEVICE, generator=_gen(61, DEVICE),
-                                    **STRUCTURED)
-    keep[1, 2, 4] = False                                             # an all-dropped row
-    explicit = _attend(q, k, v, mode, 0.5, False, keep_mask=keep, **kw, **STRUCTURED)
-    expected = _out_and_grads(explicit, (q, k, v))
-    with _device_generic(monkeypatch):
-        out = _attend(q, k, v, mode, 0.5, True, keep_mask=keep, **kw, **STRUCTURED)
-        _assert_all_close(_out_and_grads(out, (q, k, v)), expected)
-        sampled = _attend(q, k, v, mode, 0.5, True, generator=_gen(62, DEVICE), **kw, **STRUCTURED)
-        assert torch.isfinite(sampled).all()
-
-
-def test_fast_path_torch_rng_sampler_rate_and_seed(monkeypatch):
-    with _device_generic(monkeypatch):
-        keep, again = (dropkey.sample_keep_mask((8, 4, 65, 65), "dropkey", 0.3, device=DEVICE,
-                                                generator=_gen(63, DEVICE)) for _ in range(2))
-    assert torch.equal(keep, again) and keep.device.type == DEVICE.type
-    assert abs((~keep).float().mean().item() - 0.3) < _four_sigma(0.3, keep.numel())
-
+# Its contract: the numbers of the explicit path under one keep mask.
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fast_path_under_autocast_equals_the_explicit_path(dtype, monkeypatch):
@@ -1090,25 +1053,6 @@ def test_fast_path_under_autocast_equals_the_explicit_path(dtype, monkeypatch):
     with torch.autocast(DEVICE.type, dtype=dtype):
         outs = [_attend(q.to(dtype), k, v, "dropkey", 0.4, flash, keep_mask=keep) for flash in [True, False]]
     torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=2e-2, rtol=2e-2)
-
-
-@pytest.mark.parametrize("mode", ["dropkey", "dropattention", "vanilla", "none"])
-@pytest.mark.parametrize("flash", [True, False])
-def test_fast_path_batch_slices_of_mask_chunk_elements_equal_the_reference(mode, flash, monkeypatch):
-    """The CPU kernel works in batch slices of <= MASK_CHUNK mask elements; an all-dropped row in slice 2."""
-    monkeypatch.setattr(dropkey, "MASK_CHUNK", 2 * 3 * 17 * 17)       # slices of 2 of the 5 batch rows
-    q, k, v = _qkv(B=5, N=17, seed=40, grad=True)
-    keep = dropkey.sample_keep_mask((5, 3, 17, 17), "dropkey", 0.4, generator=_gen(41))
-    keep[3, 1, 6] = False                             # in the second slice
-    pad = _padding([17, 9, 17, 4, 12], 17)
-    if mode == "none":
-        keep = torch.ones_like(keep)
-    ref_out, ref_weights = _reference(q, k, v, keep, mode, 0.4, pad)
-    mask = None if mode == "none" else keep
-    out = _attend(q, k, v, mode, 0.4, flash, keep_mask=mask, attn_mask=pad)
-    _assert_all_close(_out_and_grads(out, (q, k, v)), _out_and_grads(ref_out, (q, k, v)))
-    _, weights = _attend(q, k, v, mode, 0.4, flash, keep_mask=mask, attn_mask=pad, return_weights=True)
-    _assert_all_close([weights], [ref_weights])
 
 
 @pytest.mark.parametrize("mode", ["dropkey", "vanilla", "none"])
@@ -1146,55 +1090,6 @@ def test_fast_path_bfloat16_with_an_all_dropped_row_matches_the_float32_referenc
     torch.testing.assert_close(out.float(), ref_out, atol=3e-2, rtol=3e-2)   # bfloat16: 8-bit mantissa
     out.float().square().sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
-
-
-def test_fast_path_without_the_private_cpu_kernel_falls_back_to_public_sdpa(monkeypatch):
-    q, k, v = _qkv(B=2, N=17, seed=66, grad=True)
-    keep = dropkey.sample_keep_mask((2, 3, 17, 17), "dropkey", 0.5, generator=_gen(67))
-    bias = torch.randn(2, 3, 17, 17, generator=_gen(68))
-    explicit = _attend(q, k, v, "dropkey", 0.5, False, keep_mask=keep, attn_mask=bias)
-    expected = _out_and_grads(explicit, (q, k, v))
-    assert dropkey._CPU_FLASH is not None  # this torch has it: both branches are tested
-    for kernel in [dropkey._CPU_FLASH, None]:
-        monkeypatch.setattr(dropkey, "_CPU_FLASH", kernel)
-        out = _attend(q, k, v, "dropkey", 0.5, True, keep_mask=keep, attn_mask=bias)
-        _assert_all_close(_out_and_grads(out, (q, k, v)), expected)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_fast_path_additive_mask_is_plus_zero_or_minus_inf(dtype):
-    keep = torch.tensor([[True, False, True], [False, False, True]])
-    m = dropkey.additive_mask(keep, dtype)
-    assert m.dtype == dtype and m.shape == keep.shape
-    assert (m[keep] == 0).all() and not torch.signbit(m[keep]).any()
-    assert torch.isneginf(m[~keep]).all()
-
-
-def test_fast_path_keeps_at_most_one_byte_per_mask_element_more_than_sdpa():
-    q, k, v = _qkv(B=8, N=65, D=16, seed=69, grad=True)
-    none = dropkey.saved_bytes(lambda: F.scaled_dot_product_attention(q, k, v))
-    drop = dropkey.saved_bytes(lambda: _attend(q, k, v, "dropkey", 0.3))
-    assert drop <= none + 8 * 3 * 65 * 65
-
-
-def test_benchmarks_run_and_print_every_row(capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["dropkey.py", "--shapes", "2,2,17,8", "--runs", "1"])
-    import vit
-    with _one_thread():
-        dropkey._main()
-        vit.benchmark_step(patch_size=16, batch=2, runs=1)
-    printed = capsys.readouterr().out
-    for row in [*dropkey.DROPPING_MODES, "SDPA, no dropout", "paper Algorithm 1", "faster than",
-                "images/s", "none, 2nd copy"]:
-        assert row in printed
-    monkeypatch.setattr(sys, "argv", ["dropkey.py", "--flex", "1,2,256,16", "--runs", "1"])
-    if torch.cuda.is_available():
-        dropkey._main()
-        assert "dropkey in flex" in capsys.readouterr().out
-    else:
-        with pytest.raises(SystemExit):
-            dropkey._main()
-        assert "--flex needs a CUDA GPU" in capsys.readouterr().err
 
 
 # ============================================================================ trainer: train_cifar.py
@@ -2456,13 +2351,18 @@ def test_expected_weights_is_majorised_by_p():
         assert (top_e[:, 0] < top_p[:, 0]).all()
 
 
-# ================================================================== fast path: counter masks, long rows, flex
-# The fast path's keep mask is a pure function of one seed (SplitMix64 of seed, row and key), drawn
-# first from the generator of each training call. Tested here: the generator against its published
-# values and a Python re-implementation, its statistics, that re-seeding gives back the mask of any
-# call, and that every path making the mask again (tiles of the CPU path, FlexAttention's mask_mod)
-# gives the explicit path's numbers under it.
+# ============================================================================ long rows (long_rows.py)
+# The optional file that takes DropKey when Nq * Nk >= dropkey.LONG_ROWS: a counter mask (SplitMix64 of
+# seed, row and key) made again tile by tile, SDPA's CPU flash kernel per tile, FlexAttention on CUDA.
+# Its contract: under one keep mask the numbers of the explicit path (dropkey.FLASH = False); without
+# one, the numbers of the explicit path under counter_keep_mask of the call's seed. Tests set
+# LONG_ROWS small to take the path at N = 37, and TILE_ELEMENTS small so that a call runs several tiles.
 
+try:
+    import long_rows
+except ImportError:                                                    # dropkey.py works without it
+    long_rows = None
+needs_long_rows = pytest.mark.skipif(long_rows is None, reason="long_rows.py is not present")
 MASK64 = 2**64 - 1
 
 
@@ -2474,155 +2374,224 @@ def _splitmix64(state, n):
     return z ^ (z >> 31)
 
 
-def _signed64(n):
-    return n - 2**64 if n >= 2**63 else n
-
-
-def test_counter_mix64_is_splitmix64_in_place_and_not():
-    assert _splitmix64(1234567, 1) == 6457827717110365317  # SplitMix64's published first outputs
-    assert _splitmix64(1234567, 2) == 3203168211198807973
-    g = np.random.default_rng(0)
-    states = [int(s) for s in g.integers(0, 2**63, 40)] + [0, 2**63 - 1]
-    x = torch.tensor([_signed64((s + 0x9E3779B97F4A7C15) & MASK64) for s in states])
-    expected = [_splitmix64(s, 1) for s in states]
-    for got in [dropkey.mix64(x.clone()), dropkey.mix64(x.clone(), torch.empty_like(x))]:
-        assert [v & MASK64 for v in got.tolist()] == expected
-
-
-def test_counter_keep_mask_is_the_documented_function_of_seed_row_and_key():
-    """Seed key, row keys, words, 16-bit pieces compared as int16: the layout in dropkey.py, elementwise."""
-    seed, shape, d = 987654321, (2, 3, 5, 9), 0.3
-    keep = dropkey.counter_keep_mask(seed, shape, "dropkey", d)
-    threshold = round((1 - d) * 65536) - 32768
-    key = _splitmix64(seed, 1)                                        # stream 1
-    for r in range(2 * 3 * 5):
-        row = _splitmix64(key, r + 1)
-        for c in range(9):
-            piece = (_splitmix64(row, c // 4 + 1) >> (16 * (c % 4))) & 0xFFFF
-            assert keep.view(-1, 9)[r, c].item() == (piece - 65536 * (piece >= 32768) < threshold)
-
-
-def test_counter_mask_statistics_rate_per_position_and_independence():
-    """Tolerances: 4 sigma of the binomial for rates; for 512 positions x 200 seeds a chi-square statistic
-    within 5 of its standard deviations (sqrt(2 * 512)) of its mean 512."""
-    d = 0.3
-    counts = sum((~dropkey.counter_keep_mask(s, (1, 2, 16, 16), "dropkey", d)).double() for s in range(200))
-    chi2 = ((counts - 200 * d) ** 2 / (200 * d * (1 - d))).sum().item()
-    assert abs(chi2 - 512) < 5 * math.sqrt(2 * 512)
-    drop = ~dropkey.counter_keep_mask(7, (4, 4, 256, 256), "dropkey", d)      # 1M draws
-    assert abs(drop.double().mean().item() - d) < _four_sigma(d, drop.numel())
-    following = ~dropkey.counter_keep_mask(8, (4, 4, 256, 256), "dropkey", d)  # the next seed
-    pairs = {"keys in one word": (drop[..., 0:-1:4], drop[..., 1::4]),
-             "keys across words": (drop[..., 3:-1:4], drop[..., 4::4]),
-             "queries": (drop[..., :-1, :], drop[..., 1:, :]),
-             "heads": (drop[:, :-1], drop[:, 1:]),
-             "batch": (drop[:-1], drop[1:]),
-             "consecutive seeds": (drop, following)}
-    for name, (a, b) in pairs.items():                                # both dropped: d^2 when independent
-        assert abs((a & b).double().mean().item() - d * d) < _four_sigma(d * d, a.numel()), name
-
-
-@pytest.mark.parametrize("seed", [-1, 2**63, 1.5, True])
-def test_counter_seed_outside_its_range_is_a_value_error(seed):
-    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\^63\)"):
-        dropkey.counter_keep_mask(seed, (2, 4), "dropkey", 0.3)
-
-
-def test_counter_rows_beyond_the_counter_range_are_a_value_error():
-    with pytest.raises(ValueError, match="counter range"):
-        dropkey.counter_keep_mask(1, (2**32, 2**31, 1, 1), "dropkey", 0.3)  # 2^63 rows, nothing allocated
-
-
 @contextlib.contextmanager
-def _path(name, monkeypatch):
-    """Force one fast path: the CPU kernel on whole masks, the tiled path (kernel or public ops), explicit."""
-    if name.startswith("tiled"):
-        monkeypatch.setattr(dropkey, "LONG_ROWS", 0)
-        monkeypatch.setattr(dropkey, "TILE_ELEMENTS", 6 * 16 * 12)   # 16 queries x 12 keys per tile: merges
-    if name == "tiled, public ops":
-        monkeypatch.setattr(dropkey, "_CPU_FLASH", None)
-    with _flash(name != "explicit"):
+def _long(monkeypatch, tile=6 * 5 * 37):
+    """The long-row path at any length (LONG_ROWS = 1), in tiles of `tile` mask elements, with FLASH on."""
+    monkeypatch.setattr(dropkey, "LONG_ROWS", 1)
+    monkeypatch.setattr(long_rows, "TILE_ELEMENTS", tile)               # 5 query rows x 6 heads x 37 keys
+    with _flash(True):
         yield
-    monkeypatch.undo()
 
 
-MASK_CASES = {"none": {}, "causal": dict(is_causal=True),
-              "padding": dict(attn_mask=_padding([37, 3], 37)),
+def _spy(monkeypatch):
+    """Record what long_rows.attention returned on each call: a tensor (it ran) or None (it declined)."""
+    calls, attention = [], long_rows.attention
+    monkeypatch.setattr(long_rows, "attention", lambda *a, **kw: calls.append(attention(*a, **kw)) or calls[-1])
+    return calls
+
+
+LONG_MASKS = {"none": {}, "causal": dict(is_causal=True), "padding": dict(attn_mask=_padding([37, 3], 37)),
+              "padding and causal": dict(attn_mask=_padding([37, 9], 37), is_causal=True),
               "bias": dict(attn_mask=torch.randn(2, 3, 37, 37, generator=_gen(90)).masked_fill(
                   torch.arange(37) < 4, -math.inf))}
 GRID_37 = dict(grid=(6, 6), prefix_tokens=1, block_size=2)
 
 
-@pytest.mark.parametrize("path", ["kernel", "tiled", "tiled, public ops"])
-@pytest.mark.parametrize("masks", list(MASK_CASES))
-@pytest.mark.parametrize("mode", dropkey.DROPPING_MODES)
-def test_counter_a_training_call_used_the_mask_of_its_first_generator_draw(mode, masks, path, monkeypatch):
+@needs_long_rows
+def test_long_rows_mix64_is_splitmix64_in_place_and_not():
+    assert _splitmix64(1234567, 1) == 6457827717110365317              # SplitMix64's published first outputs
+    assert _splitmix64(1234567, 2) == 3203168211198807973
+    states = [int(s) for s in np.random.default_rng(0).integers(0, 2**63, 40)] + [0, 2**63 - 1]
+    x = torch.tensor([(s + 0x9E3779B97F4A7C15 + 2**63) % 2**64 - 2**63 for s in states])
+    expected = [_splitmix64(s, 1) for s in states]
+    for got in [long_rows.mix64(x.clone()), long_rows.mix64(x.clone(), torch.empty_like(x))]:
+        assert [v & MASK64 for v in got.tolist()] == expected
+
+
+@needs_long_rows
+def test_long_rows_counter_mask_is_the_documented_function_of_seed_row_and_key():
+    """Seed key, row keys, words, 16-bit pieces + 32768 below round(d 2^16): the layout in long_rows.py."""
+    seed, shape, d = 987654321, (2, 3, 5, 9), 0.3
+    keep = long_rows.counter_keep_mask(seed, shape, "dropkey", d)
+    key = _splitmix64(seed, 1)                                         # stream 1
+    for r in range(2 * 3 * 5):
+        row = _splitmix64(key, r + 1)
+        for c in range(9):
+            piece = (_splitmix64(row, c // 4 + 1) >> (16 * (c % 4))) & 0xFFFF
+            u = piece - 65536 * (piece >= 32768) + 32768               # as int16, offset to 0 .. 65535
+            assert keep.view(-1, 9)[r, c].item() == (u >= round(d * 65536))
+    keys = long_rows.row_keys(seed, 3, torch.arange(4))
+    assert long_rows.counter_drops(keys, 9, 65536).all() and not long_rows.counter_drops(keys, 9, 0).any()
+
+
+@needs_long_rows
+def test_long_rows_counter_mask_rate_per_position_and_independence():
+    """4 sigma of the binomial for rates; for 512 positions x 200 seeds a chi-square statistic within
+    5 of its standard deviations (sqrt(2 * 512)) of its mean 512."""
+    d = 0.3
+    counts = sum((~long_rows.counter_keep_mask(s, (1, 2, 16, 16), "dropkey", d)).double() for s in range(200))
+    chi2 = ((counts - 200 * d) ** 2 / (200 * d * (1 - d))).sum().item()
+    assert abs(chi2 - 512) < 5 * math.sqrt(2 * 512)
+    drop = ~long_rows.counter_keep_mask(7, (4, 4, 256, 256), "dropkey", d)   # 1M draws
+    assert abs(drop.double().mean().item() - d) < _four_sigma(d, drop.numel())
+    following = ~long_rows.counter_keep_mask(8, (4, 4, 256, 256), "dropkey", d)
+    pairs = {"keys in one word": (drop[..., 0:-1:4], drop[..., 1::4]),
+             "keys across words": (drop[..., 3:-1:4], drop[..., 4::4]),
+             "queries": (drop[..., :-1, :], drop[..., 1:, :]), "heads": (drop[:, :-1], drop[:, 1:]),
+             "batch": (drop[:-1], drop[1:]), "consecutive seeds": (drop, following)}
+    for name, (a, b) in pairs.items():                                 # both dropped: d^2 when independent
+        assert abs((a & b).double().mean().item() - d * d) < _four_sigma(d * d, a.numel()), name
+
+
+@needs_long_rows
+@pytest.mark.parametrize("d", [1e-7, 2**-17, 0.3, 1 - 1e-7])
+def test_long_rows_any_drop_ratio_drops_at_its_rate_to_2_to_the_minus_16_never_everything(d, monkeypatch):
+    """Realised rate within 4 sigma of d rounded to a multiple of 2^-16, at least 2^-16 (at most 1 - 2^-16),
+    over 2M draws of the counter mask; the tiled path (several tiles) drops exactly that mask."""
+    rate = min(max(round(d * 65536), 1), 65535) / 65536
+    drop = ~long_rows.counter_keep_mask(11, (8, 1, 512, 512), "dropkey", d)
+    assert abs(drop.double().mean().item() - rate) < _four_sigma(rate, drop.numel())
+    q, k, v = _qkv(B=1, H=1, N=512, D=8, seed=12)
+    keep = long_rows.counter_keep_mask(long_rows.draw_seed(_gen(13)), (1, 1, 512, 512), "dropkey", d)
+    assert keep.any() and (~keep).any()
+    with _long(monkeypatch, tile=512 * 100):
+        out = dropkey.attention(q, k, v, drop_ratio=d, generator=_gen(13))
+    _assert_all_close([out], [_attend(q, k, v, "dropkey", d, False, keep_mask=keep)])
+
+
+@needs_long_rows
+@pytest.mark.parametrize("masks", list(LONG_MASKS))
+@pytest.mark.parametrize("mode", dropkey.DROPKEY_MODES)
+def test_long_rows_a_training_call_used_the_counter_mask_of_its_first_generator_draw(mode, masks, monkeypatch):
     """Re-seed, draw_seed, counter_keep_mask: the explicit path under that mask gives the call's outputs."""
     q, k, v = _qkv(B=2, N=37, seed=91, grad=True)
-    with _path(path, monkeypatch):
-        out = dropkey.attention(
-            q, k, v, drop_ratio=0.5, mode=mode, generator=_gen(92), **MASK_CASES[masks], **GRID_37
-        )
-        result = _out_and_grads(out, (q, k, v))
-    keep = dropkey.counter_keep_mask(dropkey.draw_seed(_gen(92)), (2, 3, 37, 37), mode, 0.5, **GRID_37)
-    expected = _attend(q, k, v, mode, 0.5, False, keep_mask=keep, **MASK_CASES[masks], **GRID_37)
-    _assert_all_close(result, _out_and_grads(expected, (q, k, v)))
+    calls = _spy(monkeypatch)
+    with _long(monkeypatch):
+        out = dropkey.attention(q, k, v, drop_ratio=0.5, mode=mode, generator=_gen(92), **LONG_MASKS[masks],
+                                **GRID_37)
+    assert calls and calls[0] is not None                             # long_rows ran
+    keep = long_rows.counter_keep_mask(long_rows.draw_seed(_gen(92)), (2, 3, 37, 37), mode, 0.5, **GRID_37)
+    expected = _attend(q, k, v, mode, 0.5, False, keep_mask=keep, **LONG_MASKS[masks], **GRID_37)
+    _assert_all_close(_out_and_grads(out, (q, k, v)), _out_and_grads(expected, (q, k, v)))
 
 
-@pytest.mark.parametrize("masks", list(MASK_CASES))
-def test_counter_tiled_path_with_the_compiled_float_mask_equals_the_explicit_path(masks, monkeypatch):
-    """The tiles' float masks from the compiled writer (eager where torch.compile does not work here)."""
-    compiled = dropkey._compiled
-    monkeypatch.setattr(dropkey, "COMPILE_FROM", 0)
-    test_counter_a_training_call_used_the_mask_of_its_first_generator_draw("dropkey", masks, "tiled", monkeypatch)
-    assert "writer" in compiled                                        # it was tried (and checked, if it compiled)
-    assert compiled["writer"] is None or compiled["checked"]
-
-
-def test_counter_default_generator_is_reseeded_by_torch_manual_seed(monkeypatch):
-    q, k, v = _qkv(B=1, N=37, seed=93)
-    outs = []
-    for path in ["kernel", "tiled"]:
-        with _path(path, monkeypatch):
-            torch.manual_seed(94)
-            outs.append(dropkey.attention(q, k, v, drop_ratio=0.3))
-    torch.manual_seed(94)
-    keep = dropkey.counter_keep_mask(dropkey.draw_seed(), (1, 3, 37, 37), "dropkey", 0.3)
-    for out in outs:
-        _assert_all_close([out], [_attend(q, k, v, "dropkey", 0.3, False, keep_mask=keep)])
-
-
-@pytest.mark.parametrize("path", ["tiled", "tiled, public ops"])
-@pytest.mark.parametrize("masks", list(MASK_CASES))
+@needs_long_rows
+@pytest.mark.parametrize("masks", list(LONG_MASKS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_tiled_path_equals_the_explicit_path_under_a_given_mask_with_a_fallen_back_row(dtype, masks, path,
-                                                                                       monkeypatch):
+def test_long_rows_equal_the_explicit_path_under_a_given_mask_with_a_fallen_back_row_and_leave_it(
+        dtype, masks, monkeypatch):
     q, k, v = _qkv(B=2, N=37, seed=95, dtype=dtype, grad=True)
     keep = dropkey.sample_keep_mask((2, 3, 37, 37), "dropkey", 0.5, generator=_gen(96))
-    keep[1, 2, 20] = False                                            # every key of this row dropped
-    kw = {**MASK_CASES[masks], "keep_mask": keep}
+    keep[1, 2, 20] = False                                             # every key of this row dropped
+    given = keep.clone()
+    kw = dict(LONG_MASKS[masks], keep_mask=keep)
     if masks == "bias":
         kw["attn_mask"] = kw["attn_mask"].to(dtype)
     expected = _out_and_grads(_attend(q, k, v, "dropkey", 0.5, False, **kw), (q, k, v))
-    with _path(path, monkeypatch):
-        _assert_all_close(
-            _out_and_grads(dropkey.attention(q, k, v, drop_ratio=0.5, **kw), (q, k, v)), expected
-        )
+    calls = _spy(monkeypatch)
+    with _long(monkeypatch):
+        _assert_all_close(_out_and_grads(dropkey.attention(q, k, v, drop_ratio=0.5, **kw), (q, k, v)), expected)
+    assert calls[0] is not None and torch.equal(keep, given)           # it ran and did not write the mask
 
 
-def test_tiled_path_keeps_nothing_of_size_nq_by_nk_for_backward(monkeypatch):
-    q, k, v = _qkv(B=1, H=2, N=513, D=16, seed=97, grad=True)
-    none = dropkey.saved_bytes(lambda: F.scaled_dot_product_attention(q, k, v))
-    monkeypatch.setattr(dropkey, "LONG_ROWS", 0)
-    drop = dropkey.saved_bytes(lambda: dropkey.attention(q, k, v, drop_ratio=0.3))
-    assert drop <= none + 2 * 513 * 4  # at most one float per row more than SDPA
+@needs_long_rows
+@pytest.mark.parametrize("case", ["broadcast keep", "value width 5", "3-D", "broadcast heads"])
+def test_long_rows_never_modify_the_keep_mask_and_take_any_layout(case, monkeypatch):
+    g = _gen(101)
+    shapes = {"3-D": [(2, 37, 8)] * 3, "broadcast heads": [(2, 3, 37, 8), (2, 1, 37, 8), (2, 1, 37, 8)],
+              "value width 5": [(2, 3, 37, 8), (2, 3, 37, 8), (2, 3, 37, 5)]}.get(case, [(2, 3, 37, 8)] * 3)
+    q, k, v = (torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes)
+    lead = (1, 1) if case == "broadcast keep" else torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    keep = dropkey.sample_keep_mask((*lead, 37, 37), "dropkey", 0.5, generator=_gen(102))
+    keep[..., 6, :] = False                                            # a fallen-back row
+    given = keep.clone()
+    expected = _out_and_grads(_attend(q, k, v, "dropkey", 0.5, False, keep_mask=keep, is_causal=True), (q, k, v))
+    with _long(monkeypatch):
+        out = dropkey.attention(q, k, v, drop_ratio=0.5, keep_mask=keep, is_causal=True)
+        _assert_all_close(_out_and_grads(out, (q, k, v)), expected)
+    assert torch.equal(keep, given)
 
 
-def test_tiled_path_is_taken_for_long_rows_on_the_cpu_and_not_for_short_ones():
-    long, short = torch.empty(1, 4, 4097, 32), torch.empty(32, 4, 257, 32)
-    assert dropkey._tiled_fits(long, long, long, None, (1, 4))
-    assert not dropkey._tiled_fits(short, short, short, None, (32, 4))
-    assert not dropkey._tiled_fits(long.bfloat16(), long.bfloat16(), long.bfloat16(), None, (1, 4))
+@needs_long_rows
+@pytest.mark.parametrize("padding", [torch.finfo(torch.float32).min, -1e9, -1e4])
+@pytest.mark.parametrize("d", [0.3, 0.9])
+def test_long_rows_float_padding_gets_zero_weight_and_gradient_at_any_drop_ratio(padding, d, monkeypatch):
+    """Keys 30.. padded by a float mask: out equals attention over keys ..29 alone (the same mask, the
+    all-dropped row falling back to real keys only), and the padded keys get exactly zero gradient."""
+    q, k, v = _qkv(B=2, N=37, seed=103, grad=True)
+    bias = torch.zeros(37).masked_fill(torch.arange(37) >= 30, padding)
+    keep = dropkey.sample_keep_mask((2, 3, 37, 37), "dropkey", d, generator=_gen(104))
+    keep[0, 1, 3, :30] = False                                         # only padded keys kept: falls back
+    with _long(monkeypatch):
+        out = dropkey.attention(q, k, v, attn_mask=bias, drop_ratio=d, keep_mask=keep)
+        sampled = dropkey.attention(q, k, v, attn_mask=bias, drop_ratio=d, generator=_gen(105))
+    short = [t[:, :, :30].detach().requires_grad_() for t in (k, v)]
+    expected = _attend(q, *short, "dropkey", d, False, keep_mask=keep[..., :30])
+    _assert_all_close([out], [expected])
+    dk, dv = torch.autograd.grad((out.square().sum() + sampled.square().sum()), (k, v))
+    assert (dk[:, :, 30:] == 0).all() and (dv[:, :, 30:] == 0).all()
+
+
+@needs_long_rows
+@pytest.mark.parametrize("transform", ["grad", "jvp", "vmap"])
+def test_long_rows_decline_under_func_transforms(transform, monkeypatch):
+    """grad and vmap(randomness="different") through dropkey.attention, which then takes its whole-mask
+    path; jvp checks the decline alone (its output from the explicit path)."""
+    q, k, v = _qkv(B=2, N=37, seed=106)
+    calls = _spy(monkeypatch)
+
+    def f(q, k, v):
+        if transform != "jvp":
+            return dropkey.attention(q, k, v, drop_ratio=0.3)
+        calls.append(long_rows.attention(q, k, v, None, 0.3, False, 8**-0.5, mode="dropkey"))
+        return _attend(q, k, v, "dropkey", 0.3, False)
+    with _long(monkeypatch):
+        if transform == "grad":
+            result = torch.func.grad(lambda q: f(q, k, v).square().sum())(q)
+        elif transform == "jvp":
+            result = torch.func.jvp(lambda q: f(q, k, v), (q,), (torch.ones_like(q),))[1]
+        else:
+            result = torch.func.vmap(f, randomness="different")(q, k, v)
+        assert calls and all(c is None for c in calls)                 # declined
+        assert result.shape == q.shape and torch.isfinite(result).all()
+        dropkey.attention(q, k, v, drop_ratio=0.3)
+    assert calls[-1] is not None                                       # and runs outside the transforms
+
+
+@needs_long_rows
+def test_long_rows_are_taken_from_long_rows_on_and_keep_nothing_of_size_nq_by_nk_for_backward(monkeypatch):
+    calls = _spy(monkeypatch)
+    for N in [1023, 1024]:                                            # Nq * Nk = 2^20 = LONG_ROWS
+        q, k, v = _qkv(B=1, H=1, N=N, D=8, seed=107)
+        dropkey.attention(q, k, v, drop_ratio=0.3)
+    assert len(calls) == 1 and calls[0] is not None
+    q, k, v = _qkv(B=1, H=2, N=513, D=16, seed=108, grad=True)
+    monkeypatch.setattr(dropkey, "LONG_ROWS", 1)
+
+    def saved_bytes(fn):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(storages.values())
+    none = saved_bytes(lambda: F.scaled_dot_product_attention(q, k, v))
+    drop = saved_bytes(lambda: dropkey.attention(q, k, v, drop_ratio=0.3))
+    assert drop <= none + 2 * 513 * 4                                  # at most one float per row more than SDPA
+
+
+@needs_long_rows
+def test_long_rows_bfloat16_matches_the_float32_reference(monkeypatch):
+    q, k, v = _qkv(B=2, N=37, D=16, seed=109, dtype=torch.bfloat16, grad=True)
+    keep = dropkey.sample_keep_mask((2, 3, 37, 37), "dropkey", 0.5, generator=_gen(110))
+    keep[1, 0, 4] = False
+    with _long(monkeypatch):
+        out = dropkey.attention(q, k, v, drop_ratio=0.5, keep_mask=keep)
+    ref_out, _ = _reference(q.float(), k.float(), v.float(), keep, "dropkey", 0.5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref_out, atol=3e-2, rtol=3e-2)   # bfloat16: 8-bit mantissa
 
 
 def _flex():
@@ -2633,17 +2602,18 @@ def _flex():
         pytest.skip("this torch has no torch.nn.attention.flex_attention")
 
 
+@needs_long_rows
 @pytest.mark.parametrize("masks", ["none", "padding", "causal", "padding and causal"])
-def test_flex_mask_mod_reproduces_the_counter_mask_bit_for_bit(masks):
+def test_long_rows_flex_mask_mod_reproduces_the_counter_mask_bit_for_bit(masks):
     flex = _flex()
-    seed = dropkey.draw_seed(_gen(98, DEVICE), DEVICE)
+    seed = long_rows.draw_seed(_gen(98, DEVICE), DEVICE)
     allowed = _padding([37, 3], 37).to(DEVICE).expand(2, 3, 37, 37) if "padding" in masks else None
     fallback = torch.zeros(2, 3, 37, dtype=torch.bool, device=DEVICE)
     fallback[1, 2, 5] = True
-    mask_mod = dropkey._flex_mask_mod(seed, (2, 3), 37, 0.4, allowed, "causal" in masks, fallback)
+    mask_mod = long_rows._flex_mask_mod(seed, (2, 3), 37, 0.4, allowed, "causal" in masks, fallback)
     got = flex.create_mask(mask_mod, 2, 3, 37, 37, device=DEVICE)
-    expected = dropkey.counter_keep_mask(seed, (2, 3, 37, 37), "dropkey", 0.4)
-    expected[1, 2, 5] = True  # a fallen-back row keeps its allowed keys
+    expected = long_rows.counter_keep_mask(seed, (2, 3, 37, 37), "dropkey", 0.4)
+    expected[1, 2, 5] = True                                           # a fallen-back row keeps its allowed keys
     if allowed is not None:
         expected &= allowed
     if "causal" in masks:
@@ -2651,74 +2621,43 @@ def test_flex_mask_mod_reproduces_the_counter_mask_bit_for_bit(masks):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.filterwarnings("ignore")  # flex on the CPU warns that it is unfused
+@needs_long_rows
+@pytest.mark.filterwarnings("ignore")                                 # flex on the CPU warns that it is unfused
 @pytest.mark.parametrize("masks", ["none", "padding", "causal"])
-def test_flex_attention_equals_the_explicit_path_under_the_counter_mask(masks, monkeypatch):
-    """On the CPU the forward without gradients; with DROPKEY_TEST_DEVICE=cuda training, via `attention`."""
+def test_long_rows_flex_attention_equals_the_explicit_path_under_the_counter_mask(masks, monkeypatch):
+    """At d = 0.9 some rows keep no key and fall back. On the CPU the forward without gradients (flex's
+    eager path); with DROPKEY_TEST_DEVICE=cuda a training call through `dropkey.attention`."""
     _flex()
-    flex_attention = dropkey._flex_attention
     q, k, v = _qkv(B=2, N=37, D=16, seed=99, grad=DEVICE.type == "cuda", device=DEVICE)  # flex: E >= 16
-    kw = {"none": {}, "causal": dict(is_causal=True),
-          "padding": dict(attn_mask=_padding([37, 3], 37).to(DEVICE))}[masks]
-    seed = dropkey.draw_seed(_gen(100, DEVICE), DEVICE)
-    keep = dropkey.counter_keep_mask(seed, (2, 3, 37, 37), "dropkey", 0.5)
-    expected = _attend(q, k, v, "dropkey", 0.5, False, keep_mask=keep, **kw)
+    kw = {"none": {}, "causal": dict(is_causal=True), "padding": dict(attn_mask=_padding([37, 3], 37).to(DEVICE))}[masks]
+    seed = long_rows.draw_seed(_gen(100, DEVICE), DEVICE)
+    keep = long_rows.counter_keep_mask(seed, (2, 3, 37, 37), "dropkey", 0.9)
+    allowed, _ = dropkey.allowed_keys(kw.get("attn_mask"), kw.get("is_causal", False), 37, 37, DEVICE)
+    assert not (keep if allowed is None else keep & allowed).any(-1).all()  # a row falls back
+    expected = _attend(q, k, v, "dropkey", 0.9, False, keep_mask=keep, **kw)
     if DEVICE.type == "cuda":
-        calls = []
-        monkeypatch.setattr(dropkey, "LONG_ROWS", 0)                    # flex at any length, for the test
-        monkeypatch.setattr(dropkey, "_flex_attention", lambda *a: calls.append(1) or flex_attention(*a))
-        out = _attend(q, k, v, "dropkey", 0.5, True, generator=_gen(100, DEVICE), **kw)
-        assert calls == [1]                                             # it was flex that ran
+        calls = _spy(monkeypatch)
+        with _long(monkeypatch):
+            out = dropkey.attention(q, k, v, drop_ratio=0.9, generator=_gen(100, DEVICE), **kw)
+        assert calls[0] is not None
         _assert_all_close(_out_and_grads(out, (q, k, v)), _out_and_grads(expected, (q, k, v)), tol=1e-4)
         return
     with torch.no_grad():
-        out = dropkey._flex_attention(
-            q, k, v, seed, 0.5, kw.get("attn_mask"), kw.get("is_causal", False), None
-        )
+        out = long_rows._flex_attention(q, k, v, seed, 0.9, kw.get("attn_mask"), kw.get("is_causal", False), None)
     _assert_all_close([out], [expected])
 
 
-def test_counter_float_mask_compiled_or_not_gives_the_same_bits(monkeypatch):
-    """The compiled writer (large float tiles, where a C++ compiler works) against eager; the fallback on failure."""
-    rows = dropkey._row_keys(dropkey._seed_key(3, 1, torch.device("cpu")), torch.arange(40))
-    room = torch.full((40, 72), 7.0)                                   # rows with room for 18 words of 4 keys
-
-    def tile(c0, c1):
-        out = room[:, : c1 - c0].fill_(7.0)
-        if not dropkey._compiled_patterns(out, rows, c0, 0.7):
-            dropkey.counter_bits(rows, c0, c1, 0.7, out=out)
-        return out.clone()
-    monkeypatch.setattr(dropkey, "COMPILE_FROM", 2**62)                # compilation disabled
-    eager = [tile(0, 65), tile(64, 128)]
-    assert torch.equal(eager[0], dropkey.additive_mask(dropkey.counter_bits(rows, 0, 65, 0.7), torch.float32))
-    monkeypatch.setattr(dropkey, "COMPILE_FROM", 0)
-    monkeypatch.setattr(dropkey, "_compiled", {})
-
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("no C++ compiler")
-    with monkeypatch.context() as m:
-        m.setattr(torch, "compile", no_compiler)
-        assert torch.equal(tile(0, 65), eager[0])                      # falls back to eager, for good
-        assert dropkey._compiled["writer"] is None
-    monkeypatch.setattr(dropkey, "_compiled", {})
-    compiled = [tile(0, 65)]
-    if dropkey._compiled["writer"] is None:
-        pytest.skip("torch.compile does not work here: the eager writer is the one in use")
-    assert torch.equal(room[:, 68:], torch.full((40, 4), 7.0))         # nothing past the 17 words of 65 keys
-    compiled.append(tile(64, 128))
-    assert dropkey._compiled["checked"]
-    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
-
-
-@pytest.mark.parametrize("case", ["3-D", "broadcast heads"])
-def test_tiled_path_takes_3d_inputs_and_broadcast_heads(case, monkeypatch):
-    g = _gen(101)
-    shapes = {"3-D": [(2, 37, 8)] * 3, "broadcast heads": [(2, 3, 37, 8), (2, 1, 37, 8), (2, 1, 37, 8)]}[case]
-    q, k, v = (torch.randn(*s, generator=g).requires_grad_() for s in shapes)
-    lead = q.shape[:-2]
-    keep = dropkey.sample_keep_mask((*lead, 37, 37), "dropkey", 0.5, generator=_gen(102))
-    expected = _out_and_grads(_attend(q, k, v, "dropkey", 0.5, False, keep_mask=keep), (q, k, v))
-    with _path("tiled", monkeypatch):
-        _assert_all_close(
-            _out_and_grads(dropkey.attention(q, k, v, drop_ratio=0.5, keep_mask=keep), (q, k, v)), expected
-        )
+@needs_long_rows
+def test_long_rows_sweep_prints_its_rows_and_flex_needs_cuda(capsys):
+    with _one_thread():
+        long_rows._main(["--shapes", "1,2,33,8", "--runs", "1"])
+    printed = capsys.readouterr().out
+    for row in ["SDPA, no dropout", "dropkey", "paper Algorithm 1", "faster than Algorithm 1", "peak MB"]:
+        assert row in printed
+    if torch.cuda.is_available():
+        long_rows._main(["--flex", "--shapes", "1,2,256,16", "--runs", "1"])
+        assert "SDPA, dropout_p=0.3" in capsys.readouterr().out
+        return
+    with pytest.raises(SystemExit) as exit_:
+        long_rows._main(["--flex"])
+    assert exit_.value.code != 0 and "--flex needs a CUDA GPU" in capsys.readouterr().err
