@@ -1000,6 +1000,18 @@ def test_python_vit_py_prints_schedules_and_entropy():
     assert "parameters: 1,806,538" in out.stdout and "entropy per layer" in out.stdout
 
 
+def test_vit_benchmark_prints_a_row_per_mode_with_paired_ratios(capsys):
+    import vit
+    with _one_thread():
+        times = vit.benchmark_step(patch_size=16, batch=2, runs=3)
+    printed = capsys.readouterr().out
+    assert list(times) == ["none", "none, 2nd copy", "vanilla", "dropkey"]
+    assert all(len(ts) == 3 and min(ts) > 0 for ts in times.values())
+    for row in ["images/s", "none, 2nd copy", "vanilla", "dropkey", "x none"]:
+        assert row in printed
+    assert vit.paired_ratio([2.0, 6.0, 3.0], [1.0, 2.0, 3.0]) == 2.0   # median of 2, 3, 1
+
+
 @pytest.mark.parametrize("mode", dropkey.MODES)
 def test_vit_tiny_model_overfits_one_batch_in_every_mode(mode):
     torch.manual_seed(27)
