@@ -1584,7 +1584,7 @@ def test_docs_paper_map_points_at_the_quoted_code():
     line starts a new definition or section, so "the lines to read" are a whole function.
     """
     text = README.read_text()
-    links = re.findall(r"`([^`]+)` \[(\w+\.py):(\d+)(?:-(\d+))?\]\(\2#L\3(?:-L\4)?\)", text)
+    links = re.findall(r"`([^`]+)`\s+\[(\w+\.py):(\d+)(?:-(\d+))?\]\(\2#L\3(?:-L\4)?\)", text)
     assert len(links) >= 15 and len(links) == len(re.findall(r"\]\(\w+\.py#L", text)), "a link of another form"
     wrong = []
     for quoted, file, a, b in links:
