@@ -1599,43 +1599,37 @@ def test_docs_paper_map_points_at_the_quoted_code():
     assert not wrong, "paper map out of date:\n" + "\n".join(wrong)
 
 
-def _summaries(page):
-    """(folders pattern, baseline args, printed table) of each `--summarize` command that the page quotes."""
+def _quoted_outputs(page):
+    """(commands, printed) of each bash block that the page follows with "prints:" or "prints (...):"."""
     blocks, out = _fenced(page.read_text()), []
-    for i, (lang, body, _) in enumerate(blocks[:-1]):
-        after = blocks[i + 1]
-        if lang == "bash" and after[0] == "text" and after[2].strip() == "prints:" and "--summarize" in body:
-            out.append((body.strip().split("train_cifar.py ", 1)[1], after[1]))
+    for (lang, body, _), (after, printed, said) in zip(blocks, blocks[1:]):
+        if lang == "bash" and after == "text" and re.fullmatch(r"prints( \(.*\))?:", said.strip()):
+            out.append((body, printed))
     return out
 
 
-def _table_rows(table, skip=_TIMINGS):
-    return [line for line in table.splitlines() if line.startswith("|") and not any(t in line for t in skip)]
+def _compared(text):
+    """The lines of an output that a rerun must reproduce: no blank lines, no timing rows of --summarize."""
+    return [line for line in text.splitlines() if line.strip() and not any(t in line for t in _TIMINGS)]
 
 
-def test_docs_quoted_summaries_are_those_of_the_run_folders(capsys):
-    """The `--summarize` tables docs/ quotes are what train_cifar.py prints for the run folders, when present.
+def test_docs_quoted_run_outputs_are_those_of_the_run_folders():
+    """What docs/ quotes from `--summarize` or a script over runs/ is what they print for the run folders.
 
-    The runs take ~100 s each on one thread (the commands are on the pages); without the folders
-    under runs/overfit this test is skipped. Timing rows differ per run and are not compared.
+    The runs take ~100 s each on one thread (their commands are on the pages); where a command fails
+    because its run folders are missing, this test is skipped. Timing rows vary per run; not compared.
     """
-    quoted = [(page, args, table) for page in DOCS for args, table in _summaries(page)]
-    assert len(quoted) >= 3
+    quoted = [(page, body, printed) for page in DOCS for body, printed in _quoted_outputs(page)]
+    assert len(quoted) >= 4
     missing = []
-    for page, args, table in quoted:
-        argv = subprocess.run(["bash", "-c", f"printf '%s\\0' {args}"], cwd=README.parent, capture_output=True,
-                              text=True, check=True).stdout.split("\0")[:-1]
-        folders = argv[1:argv.index("--baseline")] if "--baseline" in argv else argv[1:]
-        if not all((README.parent / f / "metrics.json").exists() for f in folders):
-            missing.append(f"{page.name}: python train_cifar.py {args}")
-            continue
-        cwd = os.getcwd()
-        os.chdir(README.parent)
-        try:
-            train_cifar.main(argv)
-        finally:
-            os.chdir(cwd)
-        assert _table_rows(capsys.readouterr().out) == _table_rows(table), f"{page.name}: {args}"
+    for page, body, printed in quoted:
+        done = subprocess.run(["bash", "-c", f'python() {{ "{sys.executable}" "$@"; }}\n{body}'],
+                              cwd=README.parent, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if done.returncode != 0:
+            missing.append(f"{page.name}: {body.strip()}\n  {done.stderr.strip().splitlines()[-1:]}")
+        else:
+            assert _compared(done.stdout) == _compared(printed), f"{page.name}: {body.strip()}"
     if missing:
         pytest.skip("run folders missing for:\n" + "\n".join(missing))
 
