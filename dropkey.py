@@ -236,7 +236,8 @@ def _dropkey_bias(shape, d, dtype, device, generator):
     finfo.min dropped (-inf's effect: every row keeps a key), in passes that are fast on a CPU (no where)."""
     u = uniforms(shape, device=device, generator=generator)            # (..., Nq, Nk)
     row = torch.where(u.amax(-1, keepdim=True) < level(1.0 - d), -32768, level(1.0 - d))  # nothing kept: all
-    return (u < row.to(torch.int16)).to(dtype).mul_(torch.finfo(dtype).min)  # (..., Nq, Nk)
+    dropped = (u < row.to(torch.int16)).view(torch.uint8)              # uint8: cast to float faster than bool
+    return dropped.to(dtype).mul_(torch.finfo(dtype).min)              # (..., Nq, Nk)
 
 
 def _heads(query, key, value, scale, enable_gqa):
@@ -245,8 +246,7 @@ def _heads(query, key, value, scale, enable_gqa):
         key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
         value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
     lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
-    E = query.shape[-1]
-    return key, value, lead, ((1 / math.sqrt(E) if E else 1.0) if scale is None else scale)
+    return key, value, lead, 1 / math.sqrt(query.shape[-1] or 1) if scale is None else scale
 
 
 def _long_rows_attention(*args, **kwargs):
@@ -545,7 +545,7 @@ def _check_mask(name, mask, target, device):
         raise ValueError(f"{name} must be a tensor, got {type(mask).__name__}")
     if mask.device != device:
         raise ValueError(f"{name} is on {mask.device} but query is on {device}")
-    if mask.dim() > len(target) or any(m not in (1, t) for m, t in zip(mask.shape[::-1], target[::-1])):
+    if not 2 <= mask.dim() <= len(target) or any(m not in (1, t) for m, t in zip(mask.shape[::-1], target[::-1])):
         raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to (..., Nq, Nk) = {tuple(target)}")
 
 

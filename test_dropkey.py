@@ -528,6 +528,7 @@ int_mask = torch.ones(4, 3, 17, 17, dtype=torch.int64)
      "training"),
     (lambda q: dropkey.attention(q, q, q, attn_mask=int_mask), "attn_mask must be bool"),
     (lambda q: dropkey.attention(q, q, q, attn_mask=int_mask.bool()[0, 0, :3]), "broadcast"),
+    (lambda q: dropkey.attention(q, q, q, attn_mask=int_mask.bool()[0, 0, 0]), "broadcast"),  # 1-D, as SDPA
     (lambda q: dropkey.attention(q, q.double(), q), "dtypes"),
     (lambda q: dropkey.attention(q, q.to("meta"), q), "devices"),
     (lambda q: dropkey.attention(q.to("meta"), q.to("meta"), q.to("meta"), drop_ratio=0.1, generator=_gen(0)),
@@ -2707,7 +2708,7 @@ def test_long_rows_float_padding_gets_zero_weight_and_gradient_at_any_drop_ratio
     """Keys 30.. padded by a float mask: out equals attention over keys ..29 alone (the same mask, the
     all-dropped row falling back to real keys only), and the padded keys get exactly zero gradient."""
     q, k, v = _qkv(B=2, N=37, seed=103, grad=True)
-    bias = torch.zeros(37).masked_fill(torch.arange(37) >= 30, padding)
+    bias = torch.zeros(1, 37).masked_fill(torch.arange(37) >= 30, padding)  # (1, Nk): SDPA takes 2-D masks
     keep = dropkey.sample_keep_mask((2, 3, 37, 37), "dropkey", d, generator=_gen(104))
     keep[0, 1, 3, :30] = False                                         # only padded keys kept: falls back
     with _long(monkeypatch):
