@@ -78,18 +78,15 @@ def _dilate(x, s, dim):
     return out
 
 
-def _structured_drop(lead, mode, drop_ratio, grid, block_size, device, generator):
-    """Dropped keys on the patch grid, (*lead, n_h * n_w), for DropKey-Block or -Cross (Fig. 2)."""
-    (n_h, n_w), s = grid, block_size
-    gamma = seed_rate(mode, drop_ratio, grid, block_size)
-    seeds = bernoulli_mask((*lead, n_h - s + 1, n_w - s + 1), gamma, device=device, generator=generator)
+def _structured_drop(seeds, mode, s):
+    """Dropped keys (..., n_h * n_w) of DropKey-Block or -Cross from seeds (..., n_h-s+1, n_w-s+1) (Fig. 2)."""
     if mode == "dropkey_block":  # each seed drops the s x s window below-right of it
-        drop = _dilate(_dilate(seeds, s, -2), s, -1)                   # (*lead, n_h, n_w)
+        drop = _dilate(_dilate(seeds, s, -2), s, -1)                   # (..., n_h, n_w)
     else:                        # each seed drops s full rows and s full columns
-        rows = _dilate(seeds.any(-1), s, -1)                           # (*lead, n_h)
-        cols = _dilate(seeds.any(-2), s, -1)                           # (*lead, n_w)
-        drop = rows.unsqueeze(-1) | cols.unsqueeze(-2)                 # (*lead, n_h, n_w)
-    return drop.flatten(-2)                                            # (*lead, n_h * n_w)
+        rows = _dilate(seeds.any(-1), s, -1)                           # (..., n_h)
+        cols = _dilate(seeds.any(-2), s, -1)                           # (..., n_w)
+        drop = rows.unsqueeze(-1) | cols.unsqueeze(-2)                 # (..., n_h, n_w)
+    return drop.flatten(-2)                                            # (..., n_h * n_w)
 
 
 def sample_keep_mask(shape, mode="dropkey", drop_ratio=0.0, *, grid=None, prefix_tokens=1,
@@ -106,8 +103,11 @@ def sample_keep_mask(shape, mode="dropkey", drop_ratio=0.0, *, grid=None, prefix
     if mode not in STRUCTURED_MODES:
         return bernoulli_mask(shape, 1.0 - d, device=device, generator=generator)
     _check_grid(grid, n_keys, prefix_tokens, block_size)
+    (n_h, n_w), s = grid, block_size
     prefix_drop = bernoulli_mask((*lead, prefix_tokens), d, device=device, generator=generator)
-    grid_drop = _structured_drop(lead, mode, d, grid, block_size, device, generator)
+    seeds = bernoulli_mask((*lead, n_h - s + 1, n_w - s + 1), seed_rate(mode, d, grid, s), device=device,
+                           generator=generator)                        # (..., n_h-s+1, n_w-s+1), at gamma
+    grid_drop = _structured_drop(seeds, mode, s)                       # (..., n_h * n_w)
     return ~torch.cat([prefix_drop, grid_drop], dim=-1)                # (..., Nq, Nk)
 
 

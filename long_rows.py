@@ -110,11 +110,7 @@ def _structured_drops(seed, rows, mode, d, grid, prefix_tokens, block_size):
     prefix = counter_drops(row_keys(seed, 2, rows), prefix_tokens, drop_level(d))  # (R, prefix)
     seeds = counter_drops(row_keys(seed, 3, rows), (n_h - s + 1) * (n_w - s + 1), drop_level(gamma, False))
     seeds = seeds.view(-1, n_h - s + 1, n_w - s + 1)                   # (R, n_h-s+1, n_w-s+1)
-    if mode == "dropkey_block":                                        # the s x s window below-right of a seed
-        grid_drop = dropkey._dilate(dropkey._dilate(seeds, s, -2), s, -1)
-    else:                                                              # s rows and s columns through it
-        grid_drop = dropkey._dilate(seeds.any(-1), s, -1)[:, :, None] | dropkey._dilate(seeds.any(-2), s, -1)[:, None]
-    return torch.cat([prefix, grid_drop.flatten(1)], dim=-1)          # (R, Nk)
+    return torch.cat([prefix, dropkey._structured_drop(seeds, mode, s)], dim=-1)  # (R, Nk)
 
 
 def counter_keep_mask(seed, shape, mode="dropkey", drop_ratio=0.0, *, grid=None, prefix_tokens=1, block_size=3):
